@@ -1,0 +1,293 @@
+//! The crate's one error type, and the helpers that give every I/O failure its
+//! operation and path.
+
+use std::fmt;
+use std::fs::FileType;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+/// Shorthand for `Result<T, LifecycleError>`.
+pub type Result<T, E = LifecycleError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while claiming, checking or cleaning up a
+/// daemon's socket and PID file.
+///
+/// Every state a caller acts on is its own variant, so match on variants, never
+/// on message text:
+///
+/// ```
+/// use historia_lifecycle::LifecycleError;
+///
+/// fn exit_code(e: &LifecycleError) -> i32 {
+///     match e {
+///         LifecycleError::AlreadyRunning => 3,
+///         LifecycleError::UnexpectedFileType { .. } => 4,
+///         _ => 1,
+///     }
+/// }
+/// assert_eq!(exit_code(&LifecycleError::AlreadyRunning), 3);
+/// ```
+///
+/// Messages are lowercase, name the path and the operation, and leave the OS
+/// error to [`std::error::Error::source`]; print the chain (for example with
+/// `anyhow`'s `{:#}`) to see both.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LifecycleError {
+    /// Another live instance holds the claim: its flock on the PID file, or a
+    /// socket at the path that accepts connections.
+    ///
+    /// [`running_pid`](crate::running_pid) tells which process it is.
+    #[error("another instance is already running")]
+    AlreadyRunning,
+
+    /// A system call on a path failed.
+    ///
+    /// Errors made by this crate carry the operation and the path in their
+    /// message while keeping the OS error's [`io::ErrorKind`]; the raw OS
+    /// error is the [`source`](std::error::Error::source).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+
+    /// An orphaned socket was removed.
+    ///
+    /// Kept for the seed API. No function in this crate returns it as an
+    /// error: [`check_singleton`](crate::check_singleton) reports the same
+    /// fact as [`SingletonCheck::StaleSocketCleaned`](crate::SingletonCheck).
+    #[error("a stale socket was removed")]
+    StaleSocketCleaned,
+
+    /// A PID file holds something other than one decimal PID in
+    /// `1..=i32::MAX`. The message names the path and what was found.
+    #[error("{0}")]
+    PidFile(String),
+
+    /// Something other than what the operation needs sits at a path (a
+    /// regular file where the socket should be, a symlink where the PID file
+    /// should be, …). It was left untouched.
+    #[error("{path}: found a {found} where a {expected} was expected; left it untouched")]
+    UnexpectedFileType {
+        /// The path that was examined.
+        path: PathBuf,
+        /// What the operation needs there.
+        expected: FileKind,
+        /// What `lstat(2)` found there.
+        found: FileKind,
+    },
+
+    /// A socket path is longer than `sun_path` can hold, see `unix(7)`.
+    /// Nothing on disk was changed.
+    #[error("socket path {path} is {len} bytes; sun_path holds at most {max} on this platform")]
+    PathTooLong {
+        /// The socket path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+        /// The longest path `sun_path` holds, without its NUL.
+        max: usize,
+    },
+
+    /// A runtime dir failed the ownership or permission checks that keep
+    /// other users away from the socket and PID file.
+    #[error("runtime dir {path} is unsafe: {reason}")]
+    InsecureDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An argument was rejected before anything on disk changed.
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument {
+        /// Which argument.
+        what: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// Installing the SIGTERM/SIGINT handling failed.
+    #[error("cannot install the SIGTERM/SIGINT handlers")]
+    Signals(#[source] io::Error),
+}
+
+impl LifecycleError {
+    /// The path this error is about, where it has one.
+    ///
+    /// ```
+    /// use historia_lifecycle::read_pid_file;
+    /// let dir = tempfile::tempdir()?;
+    /// let pid = dir.path().join("daemon.pid");
+    /// std::fs::create_dir(&pid)?;
+    /// let err = read_pid_file(&pid).unwrap_err();
+    /// assert_eq!(err.path(), Some(pid.as_path()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            LifecycleError::Io(e) => e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<PathError>())
+                .map(|p| p.path.as_path()),
+            LifecycleError::UnexpectedFileType { path, .. }
+            | LifecycleError::PathTooLong { path, .. }
+            | LifecycleError::InsecureDir { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// The kind of file found at a path, as `lstat(2)` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// A regular file.
+    Regular,
+    /// A directory.
+    Directory,
+    /// A symbolic link (never followed by this crate where it matters).
+    Symlink,
+    /// A Unix domain socket.
+    Socket,
+    /// A FIFO (named pipe).
+    Fifo,
+    /// A character device.
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+}
+
+impl FileKind {
+    /// Classifies a [`FileType`] from `symlink_metadata`.
+    pub(crate) fn of(ft: FileType) -> FileKind {
+        if ft.is_symlink() {
+            FileKind::Symlink
+        } else if ft.is_dir() {
+            FileKind::Directory
+        } else if ft.is_socket() {
+            FileKind::Socket
+        } else if ft.is_fifo() {
+            FileKind::Fifo
+        } else if ft.is_char_device() {
+            FileKind::CharDevice
+        } else if ft.is_block_device() {
+            FileKind::BlockDevice
+        } else {
+            FileKind::Regular
+        }
+    }
+}
+
+impl fmt::Display for FileKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileKind::Regular => "regular file",
+            FileKind::Directory => "directory",
+            FileKind::Symlink => "symbolic link",
+            FileKind::Socket => "socket",
+            FileKind::Fifo => "FIFO",
+            FileKind::CharDevice => "character device",
+            FileKind::BlockDevice => "block device",
+        })
+    }
+}
+
+/// An I/O error with the operation and path it happened on, as tempfile's
+/// `PathError`. It travels inside an [`io::Error`] of the same kind, so
+/// `LifecycleError::Io(e).kind()` still tells `PermissionDenied` from the rest.
+#[derive(Debug)]
+struct PathError {
+    op: &'static str,
+    path: PathBuf,
+    source: io::Error,
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot {} {}", self.op, self.path.display())
+    }
+}
+
+impl std::error::Error for PathError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Wraps `source` as [`LifecycleError::Io`] naming `op` and `path`.
+pub(crate) fn io_at(op: &'static str, path: &Path, source: io::Error) -> LifecycleError {
+    let kind = source.kind();
+    LifecycleError::Io(io::Error::new(
+        kind,
+        PathError {
+            op,
+            path: path.to_path_buf(),
+            source,
+        },
+    ))
+}
+
+/// [`io_at`] for a `nix` errno.
+pub(crate) fn errno_at(op: &'static str, path: &Path, errno: nix::Error) -> LifecycleError {
+    io_at(op, path, io::Error::from(errno))
+}
+
+/// Builds [`LifecycleError::UnexpectedFileType`].
+pub(crate) fn wrong_type(path: &Path, expected: FileKind, found: FileKind) -> LifecycleError {
+    LifecycleError::UnexpectedFileType {
+        path: path.to_path_buf(),
+        expected,
+        found,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn io_errors_name_operation_and_path_and_keep_kind_and_source() {
+        let e = io_at(
+            "open PID file",
+            Path::new("/run/x.pid"),
+            io::Error::from_raw_os_error(nix::libc::EACCES),
+        );
+        assert_eq!(e.to_string(), "cannot open PID file /run/x.pid");
+        let LifecycleError::Io(inner) = &e else {
+            panic!("expected Io, got {e:?}")
+        };
+        assert_eq!(inner.kind(), io::ErrorKind::PermissionDenied);
+        let src = e.source().expect("the OS error is the source");
+        assert!(src.to_string().contains("ermission denied"), "{src}");
+        assert_eq!(e.path(), Some(Path::new("/run/x.pid")));
+    }
+
+    #[test]
+    fn messages_are_lowercase_without_final_period() {
+        let all = [
+            LifecycleError::AlreadyRunning,
+            LifecycleError::StaleSocketCleaned,
+            wrong_type(Path::new("/a"), FileKind::Socket, FileKind::Regular),
+            LifecycleError::PathTooLong {
+                path: "/p".into(),
+                len: 200,
+                max: 107,
+            },
+            LifecycleError::InsecureDir {
+                path: "/d".into(),
+                reason: "mode 0777".into(),
+            },
+        ];
+        for e in all {
+            let m = e.to_string();
+            assert!(!m.ends_with('.'), "{m}");
+            assert!(m.chars().next().unwrap().is_lowercase() || m.starts_with('/'), "{m}");
+        }
+        assert_eq!(
+            wrong_type(Path::new("/a/s"), FileKind::Socket, FileKind::Fifo).to_string(),
+            "/a/s: found a FIFO where a socket was expected; left it untouched"
+        );
+    }
+}

@@ -1,0 +1,107 @@
+//! Daemon lifecycle for Unix: exactly one instance at a time, a PID file
+//! other tools can trust, recovery after a crash with no manual cleanup, and
+//! an RAII guard that removes what it created on Drop, SIGTERM or SIGINT.
+//!
+//! # Use this when
+//! You write a long-running local server, agent or dev-tool daemon that
+//! listens on a Unix socket (as tmux, gpg-agent, sccache or turborepo's
+//! daemon do) and must never run twice, even when two copies start in the
+//! same millisecond, the last one was SIGKILLed, or its PID was recycled.
+//! One line at start-up does it:
+//!
+//! ```no_run
+//! // no_run: a real daemon serves until it is stopped.
+//! use historia_lifecycle::{runtime_dir, DaemonGuard, LifecycleError};
+//! let dir = runtime_dir("my-daemon")?;
+//! let guard = DaemonGuard::acquire(dir.join("daemon.sock"), dir.join("daemon.pid"))?;
+//! for stream in guard.listener().unwrap().incoming() {
+//!     // serve
+//! #   drop(stream);
+//! }
+//! # Ok::<(), LifecycleError>(())
+//! ```
+//!
+//! # Lifecycle: acquire → serve → Drop or signal
+//! 1. [`DaemonGuard::acquire`] takes an exclusive `flock(2)` on the PID file,
+//!    held for the guard's whole life (FreeBSD pidfile(3) style, written
+//!    atomically), removes a provably stale socket and binds a fresh one. A
+//!    second instance gets [`LifecycleError::AlreadyRunning`];
+//!    [`running_pid`] names the one that runs.
+//! 2. The daemon serves on [`DaemonGuard::listener`].
+//! 3. Drop, [`DaemonGuard::close`], SIGTERM or SIGINT remove the socket and
+//!    the PID file, but only in the process that created them and only while
+//!    they are still the files it created. See [`SignalMode`] for signals and
+//!    graceful shutdown.
+//!
+//! # Design
+//! - **The lock decides, never the PID.** A PID file's number may be stale or
+//!   recycled; the flock dies with its holder. A PID file that is empty,
+//!   garbage, or names some unrelated process does not block a start.
+//! - **Never destroy what is not provably ours.** The only proof that a
+//!   socket is stale is `ECONNREFUSED` from `connect(2)` on a path that
+//!   `lstat(2)` says is a socket. Regular files, directories, FIFOs and
+//!   symlinks at our paths are reported with
+//!   [`LifecycleError::UnexpectedFileType`] and left alone. Removal checks the
+//!   device and inode first.
+//! - **No hangs.** Probes use a non-blocking `connect(2)`; PID files are
+//!   opened `O_NONBLOCK|O_NOFOLLOW` and read with a 64-byte bound.
+//! - **Synchronous.** No async runtime is needed; everything runs before one
+//!   starts.
+//!
+//! # Security
+//! Put the socket and PID file in a private runtime dir: [`runtime_dir`]
+//! gives `$XDG_RUNTIME_DIR/<app>` or `/tmp/<app>-<uid>`, mode 0700, and
+//! refuses one owned by someone else or open to others, as tmux does. Every
+//! descriptor is opened close-on-exec, and the PID file is never written
+//! through a symlink.
+//!
+//! # What cleanup cannot cover
+//! SIGKILL, [`std::process::abort`], [`std::process::exit`],
+//! `panic = "abort"` and power loss run no cleanup, so the files stay. The
+//! next [`DaemonGuard::acquire`] reclaims them by itself: the dead holder's
+//! flock is gone, so the PID file is replaced and the socket proven stale and
+//! removed. [`DaemonInfo::cleanup`] does the same for tools.
+//!
+//! # The seed API
+//! The free functions ([`check_singleton`], [`write_pid_file`],
+//! [`read_pid_file`], [`cleanup_pid_file`], [`cleanup_socket_file`],
+//! [`ensure_dir`]) and [`DaemonInfo`] are building blocks. They are safe to
+//! call but take no lock, so two processes using only them can both start;
+//! use [`DaemonGuard`] for exactly one.
+//!
+//! # Platform notes
+//! Unix only; tested on Linux, compiled for macOS. `sun_path` holds 107 bytes
+//! of path on Linux and 103 on macOS (`unix(7)`); longer socket paths are
+//! refused with [`LifecycleError::PathTooLong`], never truncated.
+//! [`running_pid`] reads `/proc/locks` on Linux and falls back to a trial lock
+//! elsewhere.
+
+#![cfg(unix)]
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms, unreachable_pub)]
+
+mod error;
+mod guard;
+mod info;
+mod paths;
+mod pidfile;
+mod probe;
+mod signals;
+mod sys;
+
+pub use error::{FileKind, LifecycleError, Result};
+pub use guard::{DaemonGuard, DaemonGuardBuilder, DEFAULT_BACKLOG, DEFAULT_SOCKET_MODE};
+pub use info::DaemonInfo;
+pub use paths::{
+    ensure_dir, ensure_private_dir, runtime_dir, DEFAULT_PID_NAME, DEFAULT_SOCKET_NAME,
+};
+pub use pidfile::{cleanup_pid_file, read_pid_file, running_pid, write_pid_file, PID_FILE_MODE};
+pub use probe::{
+    check_singleton, cleanup_socket_file, probe_socket, try_check_singleton, SingletonCheck,
+    SocketState,
+};
+pub use signals::{Shutdown, SignalMode};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

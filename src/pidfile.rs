@@ -1,0 +1,409 @@
+//! PID files: atomic writing, strict reading, idempotent removal, and the
+//! flock claim that `DaemonGuard` holds for its whole life.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use nix::libc;
+use tempfile::NamedTempFile;
+
+use crate::error::{io_at, wrong_type, FileKind, LifecycleError, Result};
+use crate::paths::{lstat_opt, parent_dir};
+use crate::probe::{dev_ino, remove_if_same};
+
+/// Mode of every PID file this crate writes: readable by all (tools such as
+/// `start-stop-daemon` read it), writable by the owner only.
+pub const PID_FILE_MODE: u32 = 0o644;
+
+/// A PID file holds one number; anything longer than this is not one.
+const MAX_PID_FILE_LEN: u64 = 64;
+
+/// Writes the current process's PID to `pid_path` as `"<pid>\n"` and returns
+/// the PID.
+///
+/// The file is written atomically: the PID goes into a fresh temp file in the
+/// same directory (opened `O_CREAT|O_EXCL|O_CLOEXEC`, so it never follows a
+/// link), set to mode 0644, then `rename(2)`d over `pid_path`. A reader sees
+/// the old file or the new one, never a torn one.
+///
+/// This is the unlocked primitive of the seed API. It does not stop a second
+/// instance; [`DaemonGuard::acquire`](crate::DaemonGuard::acquire) does.
+///
+/// # Errors
+/// - [`LifecycleError::UnexpectedFileType`] when something other than a
+///   regular file is at `pid_path` (a symlink, directory, FIFO, …); it is
+///   left untouched, and so is whatever a symlink points to.
+/// - [`LifecycleError::Io`] when the temp file cannot be created, written or
+///   renamed (a missing or read-only directory, …).
+///
+/// ```
+/// use historia_lifecycle::{read_pid_file, write_pid_file};
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("daemon.pid");
+/// let pid = write_pid_file(&path)?;
+/// assert_eq!(pid, std::process::id());
+/// assert_eq!(std::fs::read_to_string(&path)?, format!("{pid}\n"));
+/// assert_eq!(read_pid_file(&path)?, Some(pid));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn write_pid_file(pid_path: &Path) -> Result<u32> {
+    // Advisory: gives a clear error instead of replacing a special file. The
+    // rename below never follows a link either way.
+    if let Some(meta) = lstat_opt(pid_path).map_err(|e| io_at("examine PID file", pid_path, e))? {
+        if !meta.is_file() {
+            return Err(wrong_type(
+                pid_path,
+                FileKind::Regular,
+                FileKind::of(meta.file_type()),
+            ));
+        }
+    }
+    let tmp = pid_temp_file(pid_path)?;
+    tmp.persist(pid_path)
+        .map_err(|e| io_at("rename temp file over PID file", pid_path, e.error))?;
+    Ok(std::process::id())
+}
+
+/// Reads the PID in `pid_path`.
+///
+/// Accepts exactly one decimal number in `1..=i32::MAX` (the range of a
+/// positive `pid_t`), optionally surrounded by ASCII whitespace. Reads at most
+/// 64 bytes and never blocks: the file is opened `O_NONBLOCK|O_NOFOLLOW` and
+/// must be a regular file.
+///
+/// # Errors
+/// - [`LifecycleError::PidFile`] for anything else in the file: empty, 0,
+///   negative, hexadecimal, more than one value, beyond `i32::MAX` (as a
+///   `pid_t` such a value wraps negative, and `kill(-1, …)` signals every
+///   process), NUL bytes, non-UTF-8, over 64 bytes. The message names the
+///   path and what was found.
+/// - [`LifecycleError::UnexpectedFileType`] when the path is a symlink,
+///   directory, FIFO, socket or device.
+/// - [`LifecycleError::Io`] when it cannot be opened or read.
+///
+/// A missing file is `Ok(None)`.
+pub fn read_pid_file(pid_path: &Path) -> Result<Option<u32>> {
+    let Some(mut file) = open_pid_file(pid_path)? else {
+        return Ok(None);
+    };
+    parse_file(&mut file, pid_path).map(Some)
+}
+
+/// Removes the PID file at `pid_path`. Idempotent: a missing file is success.
+///
+/// Only a regular file is removed; anything else at the path is reported and
+/// left alone. It does not check whose PID is inside: it is for the owner at
+/// shutdown, which [`DaemonGuard`](crate::DaemonGuard) does for you.
+///
+/// # Errors
+/// - [`LifecycleError::UnexpectedFileType`] when the path is not a regular
+///   file (a symlink is reported, not followed or removed).
+/// - [`LifecycleError::Io`] when `unlink(2)` fails for a reason other than
+///   `ENOENT`.
+pub fn cleanup_pid_file(pid_path: &Path) -> Result<()> {
+    let Some(meta) = lstat_opt(pid_path).map_err(|e| io_at("examine PID file", pid_path, e))?
+    else {
+        return Ok(());
+    };
+    if !meta.is_file() {
+        return Err(wrong_type(
+            pid_path,
+            FileKind::Regular,
+            FileKind::of(meta.file_type()),
+        ));
+    }
+    remove_if_same(pid_path, (meta.dev(), meta.ino()), "remove PID file").map(drop)
+}
+
+/// Returns the PID of the live process holding the claim on `pid_path`, or
+/// `None` when no process holds it (no daemon, or only stale files left).
+///
+/// Use it after [`DaemonGuard::acquire`](crate::DaemonGuard::acquire) returns
+/// [`LifecycleError::AlreadyRunning`] to tell the user which process runs, and
+/// before signalling a daemon: unlike the number in the file, it cannot name
+/// a recycled PID, because the claim is a flock that dies with its holder.
+///
+/// On Linux the holder comes from `/proc/locks` (`proc(5)`), which reads the
+/// lock without taking it. Elsewhere a shared trial `flock(2)` tells whether
+/// the claim is held, and the PID comes from the file; for that instant a
+/// racing `acquire` could be refused.
+///
+/// # Errors
+/// As [`read_pid_file`]: [`LifecycleError::PidFile`] when the claim is held
+/// but the file's content is not a PID (only where `/proc/locks` is missing),
+/// [`LifecycleError::UnexpectedFileType`] and [`LifecycleError::Io`].
+///
+/// ```
+/// use historia_lifecycle::{running_pid, DaemonGuard, LifecycleError};
+/// let dir = tempfile::tempdir()?;
+/// let (sock, pid) = (dir.path().join("d.sock"), dir.path().join("d.pid"));
+/// assert_eq!(running_pid(&pid)?, None);
+/// let guard = DaemonGuard::builder(&sock, &pid).signals(historia_lifecycle::SignalMode::Off).acquire()?;
+/// assert_eq!(running_pid(&pid)?, Some(std::process::id()));
+/// drop(guard);
+/// assert_eq!(running_pid(&pid)?, None);
+/// # Ok::<(), LifecycleError>(())
+/// ```
+pub fn running_pid(pid_path: &Path) -> Result<Option<u32>> {
+    let Some(mut file) = open_pid_file(pid_path)? else {
+        return Ok(None);
+    };
+    match crate::sys::flock_holder(&file) {
+        Ok(None) => Ok(None),
+        Ok(Some(0)) => parse_file(&mut file, pid_path).map(Some),
+        Ok(Some(holder)) => Ok(Some(holder)),
+        Err(()) => match file.try_lock_shared() {
+            Ok(()) => Ok(None), // nobody holds it; closing the file unlocks
+            Err(TryLockError::WouldBlock) => parse_file(&mut file, pid_path).map(Some),
+            Err(TryLockError::Error(e)) => Err(io_at("lock PID file", pid_path, e)),
+        },
+    }
+}
+
+/// The flock claim on a PID file, held for a guard's whole life.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    /// The PID file, open and exclusively flocked. Closing it (the last copy
+    /// of the open file description) releases the claim.
+    pub(crate) file: File,
+    /// Device and inode of the PID file, to recognise it at cleanup.
+    pub(crate) dev_ino: (u64, u64),
+    /// Whether a stale PID file (unlocked, left by a dead holder) was replaced.
+    pub(crate) reclaimed: bool,
+}
+
+/// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but with
+/// an atomic write.
+///
+/// 1. A temp file beside `pid_path` gets `"<pid>\n"`, mode 0644 and an
+///    exclusive flock, so the file is locked and complete before anyone can
+///    see it under the real name.
+/// 2. It is linked in with rename-no-replace. If that works, nobody else had
+///    the path: the claim is ours.
+/// 3. Otherwise the existing file is opened read-only (`O_NOFOLLOW`) and
+///    `flock(LOCK_EX|LOCK_NB)`ed. `EWOULDBLOCK` means a live holder:
+///    [`LifecycleError::AlreadyRunning`], and nothing of theirs was touched.
+/// 4. Got the lock: the holder is dead. If the path still names the inode we
+///    locked, our locked temp file is renamed over it; if not (someone
+///    replaced or removed it meanwhile), go round again.
+///
+/// At every instant the path names a locked file or no file, so two racers
+/// cannot both win.
+pub(crate) fn claim(pid_path: &Path) -> Result<Claim> {
+    let mut tmp = pid_temp_file(pid_path)?;
+    // Our own fresh file: only someone guessing its random name could hold it.
+    tmp.as_file()
+        .try_lock()
+        .map_err(|e| io_at("lock temp PID file", tmp.path(), io::Error::from(e)))?;
+    let meta = tmp
+        .as_file()
+        .metadata()
+        .map_err(|e| io_at("examine temp PID file", tmp.path(), e))?;
+    let ours = (meta.dev(), meta.ino());
+
+    // Each round ends in a win, a loss, an error, or someone else changing the
+    // path under us; a handful of rounds is plenty unless something is
+    // deliberately churning the file.
+    for _ in 0..64 {
+        match tmp.persist_noclobber(pid_path) {
+            Ok(file) => {
+                return Ok(Claim {
+                    file,
+                    dev_ino: ours,
+                    reclaimed: false,
+                })
+            }
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => tmp = e.file,
+            Err(e) => return Err(io_at("create PID file", pid_path, e.error)),
+        }
+        let Some(existing) = open_pid_file(pid_path)? else {
+            continue; // removed since our attempt: try again
+        };
+        match existing.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(LifecycleError::AlreadyRunning),
+            Err(TryLockError::Error(e)) => return Err(io_at("lock PID file", pid_path, e)),
+        }
+        let theirs = existing
+            .metadata()
+            .map_err(|e| io_at("examine PID file", pid_path, e))?;
+        if dev_ino(pid_path) != Some((theirs.dev(), theirs.ino())) {
+            continue; // we locked a file that is no longer at the path
+        }
+        // A stale claim: its holder died. Ours replaces it in one rename while
+        // we still hold its lock, so no racer can slip in between.
+        let file = tmp
+            .persist(pid_path)
+            .map_err(|e| io_at("rename temp file over PID file", pid_path, e.error))?;
+        drop(existing);
+        return Ok(Claim {
+            file,
+            dev_ino: ours,
+            reclaimed: true,
+        });
+    }
+    Err(io_at(
+        "claim PID file",
+        pid_path,
+        io::Error::other("the file was replaced 64 times during the claim"),
+    ))
+}
+
+/// A temp file beside `pid_path` holding `"<pid>\n"`, mode 0644. Removed on
+/// drop unless persisted.
+fn pid_temp_file(pid_path: &Path) -> Result<NamedTempFile> {
+    let dir = parent_dir(pid_path);
+    let name = pid_path
+        .file_name()
+        .ok_or_else(|| LifecycleError::InvalidArgument {
+            what: "PID file path",
+            reason: format!("{} has no file name", pid_path.display()),
+        })?;
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".");
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| io_at("create temp file for PID file", pid_path, e))?;
+    // Set the exact mode: tempfile creates 0600, and a umask must not decide
+    // whether tools can read the PID.
+    let f = tmp.as_file_mut();
+    f.set_permissions(std::fs::Permissions::from_mode(PID_FILE_MODE))
+        .and_then(|()| writeln!(f, "{}", std::process::id()))
+        .map_err(|e| io_at("write temp file for PID file", pid_path, e))?;
+    Ok(tmp)
+}
+
+/// Opens a PID file for reading without following a symlink or blocking on a
+/// FIFO, and checks it is a regular file. `None` when it does not exist.
+fn open_pid_file(pid_path: &Path) -> Result<Option<File>> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(pid_path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(match lstat_opt(pid_path) {
+                Ok(Some(m)) => wrong_type(pid_path, FileKind::Regular, FileKind::of(m.file_type())),
+                _ => io_at("open PID file", pid_path, e),
+            })
+        }
+        Err(e) => return Err(io_at("open PID file", pid_path, e)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| io_at("examine PID file", pid_path, e))?;
+    if !meta.is_file() {
+        return Err(wrong_type(
+            pid_path,
+            FileKind::Regular,
+            FileKind::of(meta.file_type()),
+        ));
+    }
+    Ok(Some(file))
+}
+
+fn parse_file(file: &mut File, pid_path: &Path) -> Result<u32> {
+    let mut buf = Vec::with_capacity(MAX_PID_FILE_LEN as usize + 1);
+    file.take(MAX_PID_FILE_LEN + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| io_at("read PID file", pid_path, e))?;
+    parse_pid(&buf).map_err(|what| {
+        LifecycleError::PidFile(format!("invalid PID file {}: {what}", pid_path.display()))
+    })
+}
+
+/// Parses PID file content: one decimal number in `1..=i32::MAX`, optionally
+/// surrounded by ASCII whitespace. The error says what was found instead.
+pub(crate) fn parse_pid(bytes: &[u8]) -> std::result::Result<u32, String> {
+    if bytes.len() as u64 > MAX_PID_FILE_LEN {
+        return Err(format!(
+            "over {MAX_PID_FILE_LEN} bytes; a PID file holds one number"
+        ));
+    }
+    if bytes.contains(&0) {
+        return Err("contains a NUL byte".into());
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| "is not UTF-8".to_string())?;
+    let t = text.trim_matches(|c: char| c.is_ascii_whitespace());
+    if t.is_empty() {
+        return Err("is empty".into());
+    }
+    if t.contains(|c: char| c.is_ascii_whitespace()) {
+        return Err(format!("holds more than one value: {t:?}"));
+    }
+    if t.starts_with('-') {
+        return Err(format!("holds a negative number {t:?}"));
+    }
+    if t.starts_with("0x") || t.starts_with("0X") {
+        return Err(format!("holds hexadecimal {t:?}; expected a decimal PID"));
+    }
+    if !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("holds {t:?}; expected one decimal PID"));
+    }
+    let max = i32::MAX as u32;
+    let beyond = || {
+        format!(
+            "holds {t}, beyond pid_t's maximum {max} (as a pid_t it would be negative, \
+             and kill(-1, ...) signals every process)"
+        )
+    };
+    let n: u64 = t.parse().map_err(|_| beyond())?;
+    match n {
+        0 => Err("holds 0, which is not a process (kill(0, ...) signals the whole process group)".into()),
+        n if n > u64::from(max) => Err(beyond()),
+        n => Ok(n as u32),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pid;
+
+    #[test]
+    fn accepted_pid_file_contents() {
+        for (text, pid) in [
+            (&b"1"[..], 1),
+            (b"42\n", 42),
+            (b"  42  \n", 42),
+            (b"\t7\r\n", 7),
+            (b"007\n", 7),
+            (b"2147483647\n", 2147483647),
+        ] {
+            assert_eq!(parse_pid(text), Ok(pid), "{:?}", String::from_utf8_lossy(text));
+        }
+    }
+
+    #[test]
+    fn rejected_pid_file_contents_say_what_was_found() {
+        for (text, says) in [
+            (&b""[..], "empty"),
+            (b" \n\t", "empty"),
+            (b"0\n", "holds 0"),
+            (b"-1\n", "negative"),
+            (b"-42", "negative"),
+            (b"2147483648\n", "beyond pid_t"),
+            (b"4294967295\n", "beyond pid_t"),
+            (b"99999999999999999999999\n", "beyond pid_t"),
+            (b"0x1f\n", "hexadecimal"),
+            (b"12 34\n", "more than one value"),
+            (b"12\n34\n", "more than one value"),
+            (b"+5", "expected one decimal PID"),
+            (b"12abc", "expected one decimal PID"),
+            (b"1.5", "expected one decimal PID"),
+            (b"42\0", "NUL"),
+            (b"\xff\xfe42", "not UTF-8"),
+            (&[b'1'; 65][..], "over 64 bytes"),
+            ("\u{0663}".as_bytes(), "expected one decimal PID"),
+        ] {
+            let err = parse_pid(text).expect_err(&format!("{text:?} must be rejected"));
+            assert!(err.contains(says), "{text:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The socket liveness probe: `check_singleton`, its fallible forms, and
+//! removal of a stale socket.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+
+use crate::error::{errno_at, io_at, wrong_type, FileKind, Result};
+use crate::paths::{check_socket_path, lstat_opt};
+
+/// What [`check_singleton`] concluded about a socket path.
+///
+/// The three outcomes of the seed API; the enum is exhaustive so a `match`
+/// needs no wildcard arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SingletonCheck {
+    /// Nothing is at the path: safe to start.
+    Available,
+    /// A stale socket (a socket file nobody listens on) was at the path and
+    /// this call removed it: safe to start.
+    StaleSocketCleaned,
+    /// A daemon is listening, or the path could not be proven free. Do not
+    /// start; [`try_check_singleton`] says which.
+    AlreadyRunning,
+}
+
+/// What is at a socket path, found without changing anything; the result of
+/// [`probe_socket`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SocketState {
+    /// Nothing is at the path.
+    Absent,
+    /// A process accepted the connection: a live daemon.
+    Listening,
+    /// The listener's backlog is full (`EAGAIN` from `connect(2)`): a live
+    /// daemon that is busy. Counts as running.
+    Busy,
+    /// `lstat(2)` says it is a socket and `connect(2)` was refused
+    /// (`ECONNREFUSED`), with the same inode before and after: nobody
+    /// listens. This is the only proof of staleness this crate accepts.
+    Stale,
+}
+
+impl SocketState {
+    /// Whether a daemon is serving on the socket ([`Listening`](Self::Listening)
+    /// or [`Busy`](Self::Busy)).
+    pub fn is_live(self) -> bool {
+        matches!(self, SocketState::Listening | SocketState::Busy)
+    }
+}
+
+/// A probe's result with the inode it was about, so removal can check it is
+/// still the same file.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Probed {
+    pub(crate) state: SocketState,
+    pub(crate) dev_ino: Option<(u64, u64)>,
+}
+
+/// Probes a Unix socket path with `lstat(2)` and a non-blocking `connect(2)`;
+/// reads only, never removes.
+///
+/// - nothing there → [`SocketState::Absent`];
+/// - connection accepted → [`SocketState::Listening`];
+/// - `EAGAIN` (backlog full) → [`SocketState::Busy`];
+/// - `ECONNREFUSED` on a path that `lstat` says is a socket, with the same
+///   device and inode before and after → [`SocketState::Stale`].
+///
+/// The connect never blocks: on Unix sockets a non-blocking connect answers at
+/// once, so a daemon that never calls `accept` cannot hang the probe.
+///
+/// # Errors
+/// - [`LifecycleError::PathTooLong`] when the path does not fit `sun_path`
+///   (`unix(7)`); the path is never truncated.
+/// - [`LifecycleError::UnexpectedFileType`] when something other than a socket
+///   is at the path (Linux answers `ECONNREFUSED` for those too, which is why
+///   `lstat` decides).
+/// - [`LifecycleError::Io`] for every other failure: `EACCES`/`EPERM` on the
+///   socket or a directory, a socket of another type (`EPROTOTYPE`), … None
+///   of these proves anything, so nothing is concluded.
+///
+/// ```
+/// use historia_lifecycle::{probe_socket, SocketState};
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("d.sock");
+/// assert_eq!(probe_socket(&path)?, SocketState::Absent);
+/// let listener = std::os::unix::net::UnixListener::bind(&path)?;
+/// assert_eq!(probe_socket(&path)?, SocketState::Listening);
+/// drop(listener); // the file stays behind: a stale socket
+/// assert_eq!(probe_socket(&path)?, SocketState::Stale);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn probe_socket(path: &Path) -> Result<SocketState> {
+    probe(path).map(|p| p.state)
+}
+
+pub(crate) fn probe(path: &Path) -> Result<Probed> {
+    check_socket_path(path)?;
+    let Some(before) = lstat_opt(path).map_err(|e| io_at("examine socket", path, e))? else {
+        return Ok(Probed {
+            state: SocketState::Absent,
+            dev_ino: None,
+        });
+    };
+    if !before.file_type().is_socket() {
+        return Err(wrong_type(
+            path,
+            FileKind::Socket,
+            FileKind::of(before.file_type()),
+        ));
+    }
+    let dev_ino = Some((before.dev(), before.ino()));
+    let state = match try_connect(path)? {
+        Connect::Accepted => SocketState::Listening,
+        Connect::Busy => SocketState::Busy,
+        Connect::Gone => SocketState::Absent,
+        Connect::Refused => {
+            // The path may have been swapped for a non-socket (which also
+            // answers ECONNREFUSED) between the lstat and the connect.
+            match lstat_opt(path).map_err(|e| io_at("examine socket", path, e))? {
+                Some(after)
+                    if after.file_type().is_socket()
+                        && (after.dev(), after.ino()) == (before.dev(), before.ino()) =>
+                {
+                    SocketState::Stale
+                }
+                Some(after) if !after.file_type().is_socket() => {
+                    return Err(wrong_type(
+                        path,
+                        FileKind::Socket,
+                        FileKind::of(after.file_type()),
+                    ))
+                }
+                // Replaced by another socket or removed meanwhile: look again.
+                _ => return probe(path),
+            }
+        }
+    };
+    Ok(Probed { state, dev_ino })
+}
+
+enum Connect {
+    Accepted,
+    Busy,
+    Refused,
+    Gone,
+}
+
+fn try_connect(path: &Path) -> Result<Connect> {
+    let addr = UnixAddr::new(path).map_err(|e| errno_at("address socket", path, e))?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| errno_at("create a socket to probe", path, e))?;
+    match connect(fd.as_raw_fd(), &addr) {
+        // EINPROGRESS is not used by AF_UNIX on Linux, but a BSD may report
+        // it for an accepted-later connection: someone is listening.
+        Ok(()) | Err(Errno::EINPROGRESS) => Ok(Connect::Accepted),
+        Err(Errno::EAGAIN) => Ok(Connect::Busy),
+        Err(Errno::ECONNREFUSED) => Ok(Connect::Refused),
+        Err(Errno::ENOENT) => Ok(Connect::Gone),
+        Err(e) => Err(errno_at("connect to socket", path, e)),
+    }
+}
+
+/// Checks whether a daemon is serving on `socket_path`, removing the socket
+/// file if it is provably stale. Fallible form of [`check_singleton`].
+///
+/// Returns [`SingletonCheck::StaleSocketCleaned`] only when this call really
+/// removed a stale socket, and [`SingletonCheck::AlreadyRunning`] only when a
+/// listener answered.
+///
+/// This probes and removes without a lock, so two processes starting at once
+/// can both see `Available`. For exactly-one-instance, use
+/// [`DaemonGuard::acquire`](crate::DaemonGuard::acquire), which does the same
+/// under a flock.
+///
+/// # Errors
+/// As [`probe_socket`], plus [`LifecycleError::Io`] when the stale socket
+/// cannot be removed. On every error nothing was removed.
+pub fn try_check_singleton(socket_path: &Path) -> Result<SingletonCheck> {
+    // A removal can race with another process re-creating the path; a few
+    // rounds settle it, and more would mean something is fighting us.
+    for _ in 0..8 {
+        let p = probe(socket_path)?;
+        match p.state {
+            SocketState::Absent => return Ok(SingletonCheck::Available),
+            SocketState::Listening | SocketState::Busy => {
+                return Ok(SingletonCheck::AlreadyRunning)
+            }
+            SocketState::Stale => {
+                if let Some(id) = p.dev_ino {
+                    if remove_if_same(socket_path, id, "remove stale socket")? {
+                        return Ok(SingletonCheck::StaleSocketCleaned);
+                    }
+                }
+            }
+        }
+    }
+    Ok(SingletonCheck::AlreadyRunning)
+}
+
+/// Checks whether a daemon is serving on `socket_path`, as the seed API
+/// describes: connect to it, and clean up the socket file if it is stale.
+///
+/// Safer than the seed's wording: only `ECONNREFUSED` on a path that `lstat`
+/// says is a socket counts as stale. When the probe fails for any other reason
+/// (permission denied, a regular file or directory at the path, a path longer
+/// than `sun_path`) nothing is removed and the answer is
+/// [`SingletonCheck::AlreadyRunning`], the answer that cannot lead a caller to
+/// destroy anything. Call [`try_check_singleton`] to get the reason.
+///
+/// The check is synchronous and never blocks on a listener that does not
+/// accept, so it can run before an async runtime starts.
+///
+/// ```
+/// use historia_lifecycle::{check_singleton, SingletonCheck};
+/// let dir = tempfile::tempdir()?;
+/// let sock = dir.path().join("daemon.sock");
+/// assert_eq!(check_singleton(&sock), SingletonCheck::Available);
+/// drop(std::os::unix::net::UnixListener::bind(&sock)?); // crash leftovers
+/// assert_eq!(check_singleton(&sock), SingletonCheck::StaleSocketCleaned);
+/// assert!(!sock.exists());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn check_singleton(socket_path: &Path) -> SingletonCheck {
+    try_check_singleton(socket_path).unwrap_or(SingletonCheck::AlreadyRunning)
+}
+
+/// Removes the socket file at `socket_path`, for the daemon that owns it at
+/// shutdown. Idempotent: a missing file is success.
+///
+/// Removes only a socket: a regular file, directory, FIFO or symlink at the
+/// path is left alone and reported. It does not check whether someone listens
+/// (the owner calls it while its own listener is open); to remove a socket
+/// only when it is stale, use [`check_singleton`].
+///
+/// # Errors
+/// - [`LifecycleError::UnexpectedFileType`] when the path is not a socket.
+/// - [`LifecycleError::Io`] when `lstat(2)` or `unlink(2)` fails for a reason
+///   other than `ENOENT`.
+pub fn cleanup_socket_file(socket_path: &Path) -> Result<()> {
+    let Some(meta) =
+        lstat_opt(socket_path).map_err(|e| io_at("examine socket", socket_path, e))?
+    else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(wrong_type(
+            socket_path,
+            FileKind::Socket,
+            FileKind::of(meta.file_type()),
+        ));
+    }
+    remove_if_same(socket_path, (meta.dev(), meta.ino()), "remove socket").map(drop)
+}
+
+/// Unlinks `path` if `lstat` still shows the inode `dev_ino`, and says whether
+/// it did; `NotFound` is not an error. The lstat narrows, but cannot close, the
+/// window in which another process swaps the path: POSIX has no
+/// unlink-if-inode. Callers hold the claim's flock, so no cooperating process
+/// swaps it.
+pub(crate) fn remove_if_same(path: &Path, dev_ino: (u64, u64), op: &'static str) -> Result<bool> {
+    match lstat_opt(path).map_err(|e| io_at("examine", path, e))? {
+        Some(m) if (m.dev(), m.ino()) == dev_ino => match std::fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_at(op, path, e)),
+        },
+        _ => Ok(false),
+    }
+}
+
+/// Which inode `path` names now, if any.
+pub(crate) fn dev_ino(path: &Path) -> Option<(u64, u64)> {
+    lstat_opt(path)
+        .ok()
+        .flatten()
+        .map(|m| (m.dev(), m.ino()))
+}

@@ -1,0 +1,334 @@
+//! SIGTERM/SIGINT handling for guards: one process-wide self-pipe, one helper
+//! thread, and a registry of the live guards.
+//!
+//! The raw handler (installed once through signal-hook, never removed) only
+//! checks `getpid(2)` and writes one byte to a pipe: no allocation, no lock.
+//! The helper thread does the real work in ordinary Rust: remove the guards'
+//! files and re-raise the signal with its default action, or wake the graceful
+//! guards' [`Shutdown`] handles.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::libc;
+
+use crate::error::{LifecycleError, Result};
+use crate::guard::OwnedFiles;
+
+/// What a guard does when the process receives SIGTERM or SIGINT.
+///
+/// Whatever the mode, the handling is installed at most once per process and
+/// shared by all guards: acquiring and dropping guards in a loop adds no
+/// handlers and no threads. A process holds at most one helper thread,
+/// `historia-signals`.
+///
+/// # Coexisting with your own handlers
+/// The crate registers its action through signal-hook, which chains every
+/// action registered for a signal, so actions you register with signal-hook
+/// (`flag::register`, `iterator::Signals`, …) still run. In
+/// [`SignalMode::Exit`] the process then ends, so use
+/// [`SignalMode::Graceful`] (which never ends it) or [`SignalMode::Off`] if
+/// you want to decide yourself. Handlers installed with raw `sigaction`
+/// *after* a guard replace the crate's and signal-hook's; install them first,
+/// or use signal-hook.
+///
+/// Once installed, the action stays for the life of the process. With no guard
+/// alive it emulates the default action (terminate), as if it were not there.
+///
+/// # Across `fork`
+/// A child created with `fork(2)` (without `exec`) inherits the handler but is
+/// not the guard's owner: on SIGTERM/SIGINT it takes the default action and
+/// touches none of the parent's files. After `exec`, handlers are reset by
+/// the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum SignalMode {
+    /// Default. On SIGTERM or SIGINT, remove the socket and PID file of every
+    /// guard in the process, then re-raise the signal with its default action,
+    /// so the process ends "killed by SIGTERM" (a shell shows status 143, or
+    /// 130 for SIGINT). Works while every other thread is blocked in a
+    /// syscall.
+    #[default]
+    Exit,
+    /// Turn SIGTERM/SIGINT into a shutdown request: the guard's [`Shutdown`]
+    /// handle wakes, the daemon drains its work and drops the guard, which
+    /// removes the files. A second signal while a shutdown is already
+    /// requested removes the files and ends the process as in
+    /// [`SignalMode::Exit`], so a stuck drain can still be interrupted.
+    Graceful,
+    /// Install nothing. The files are removed on Drop or
+    /// [`close`](crate::DaemonGuard::close) only; use this when the
+    /// application handles signals itself.
+    Off,
+}
+
+/// A shutdown request for a daemon: set by SIGTERM/SIGINT in
+/// [`SignalMode::Graceful`], or by [`Shutdown::request`] (a `stop` command on
+/// the daemon's socket, say).
+///
+/// Cheap to clone and `Send + Sync`: hand a clone to the threads that must
+/// notice the request.
+///
+/// ```
+/// use historia_lifecycle::{DaemonGuard, SignalMode};
+/// let dir = tempfile::tempdir()?;
+/// let guard = DaemonGuard::builder(dir.path().join("d.sock"), dir.path().join("d.pid"))
+///     .signals(SignalMode::Graceful)
+///     .acquire()?;
+/// let shutdown = guard.shutdown().clone();
+/// std::thread::spawn(move || shutdown.request()); // e.g. a `stop` command
+/// guard.shutdown().wait();
+/// assert_eq!(guard.shutdown().exit_code(), 0);
+/// guard.close()?; // files removed here
+/// # Ok::<(), historia_lifecycle::LifecycleError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    inner: Arc<ShutdownInner>,
+}
+
+#[derive(Debug, Default)]
+struct ShutdownInner {
+    /// `None` until requested; then `Some(0)` for [`Shutdown::request`] or
+    /// `Some(signal number)`.
+    state: Mutex<Option<i32>>,
+    cv: Condvar,
+}
+
+impl Shutdown {
+    /// Asks for a shutdown, waking every [`wait`](Self::wait)er. Idempotent;
+    /// the first reason is kept.
+    pub fn request(&self) {
+        self.set(0);
+    }
+
+    fn set(&self, why: i32) {
+        let mut state = lock(&self.inner.state);
+        if state.is_none() {
+            *state = Some(why);
+        }
+        self.inner.cv.notify_all();
+    }
+
+    /// Whether a shutdown has been requested.
+    pub fn is_requested(&self) -> bool {
+        lock(&self.inner.state).is_some()
+    }
+
+    /// Blocks until a shutdown is requested.
+    pub fn wait(&self) {
+        let mut state = lock(&self.inner.state);
+        while state.is_none() {
+            state = self.inner.cv.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Blocks until a shutdown is requested or `timeout` passes; returns
+    /// whether it was requested.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&self.inner.state);
+        while state.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .inner
+                .cv
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// The signal that requested the shutdown (`libc::SIGTERM`, …), or `None`
+    /// when none has, or when it came from [`request`](Self::request).
+    pub fn signal(&self) -> Option<i32> {
+        lock(&self.inner.state).filter(|&s| s != 0)
+    }
+
+    /// The conventional exit status for this shutdown: `128 + signal` after a
+    /// signal (143 for SIGTERM, 130 for SIGINT), 0 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        self.signal().map_or(0, |s| 128 + s)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not stop cleanup: the data is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Write end of the self-pipe, read by the raw handler.
+static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
+/// The process the helper thread serves; a forked child sees another PID.
+static OWNER_PID: AtomicI32 = AtomicI32::new(0);
+/// signal-hook actions are registered once per process, and inherited by
+/// forked children.
+static ACTIONS_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+struct Entry {
+    id: u64,
+    mode: SignalMode,
+    files: Arc<OwnedFiles>,
+    shutdown: Shutdown,
+}
+
+struct Registry {
+    entries: Vec<Entry>,
+    next_id: u64,
+    /// The PID whose helper thread and pipe are set up; 0 before the first.
+    installed_for: i32,
+    /// Read end of the current pipe, so a forked child can close its copy.
+    pipe_read: i32,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    entries: Vec::new(),
+    next_id: 0,
+    installed_for: 0,
+    pipe_read: -1,
+});
+
+/// A guard's place in the registry; removed on drop.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    id: u64,
+    pid: i32,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if nix::unistd::getpid().as_raw() != self.pid {
+            return; // a forked child's copy: the registry is not its own
+        }
+        lock(&REGISTRY).entries.retain(|e| e.id != self.id);
+    }
+}
+
+/// Adds a guard's files to the signal handling, installing the handler and
+/// the helper thread on first use in this process.
+pub(crate) fn register(
+    mode: SignalMode,
+    files: Arc<OwnedFiles>,
+    shutdown: Shutdown,
+) -> Result<Option<Registration>> {
+    if mode == SignalMode::Off {
+        return Ok(None);
+    }
+    let pid = nix::unistd::getpid().as_raw();
+    let mut reg = lock(&REGISTRY);
+    if reg.installed_for != pid {
+        install(&mut reg, pid).map_err(LifecycleError::Signals)?;
+    }
+    reg.next_id += 1;
+    let id = reg.next_id;
+    reg.entries.push(Entry {
+        id,
+        mode,
+        files,
+        shutdown,
+    });
+    Ok(Some(Registration { id, pid }))
+}
+
+/// Sets up the pipe and helper thread for process `pid` (first use, or first
+/// use in a forked child, whose registry copy holds its parent's guards).
+fn install(reg: &mut Registry, pid: i32) -> io::Result<()> {
+    if reg.installed_for != 0 {
+        // We are a forked child: the parent's guards and pipe are not ours.
+        reg.entries.clear();
+        for fd in [reg.pipe_read, PIPE_WRITE.load(Ordering::Relaxed)] {
+            if fd >= 0 {
+                // SAFETY: these descriptors were inherited from the parent's
+                // signal pipe and nothing else in this process uses them.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    // The handler must never block, even if the helper is slow to drain.
+    fcntl(&write, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+    let read_raw = read.as_raw_fd();
+    std::thread::Builder::new()
+        .name("historia-signals".into())
+        .spawn(move || helper(File::from(read)))?;
+    reg.pipe_read = read_raw;
+    PIPE_WRITE.store(write.into_raw_fd(), Ordering::Release);
+    OWNER_PID.store(pid, Ordering::Release);
+    reg.installed_for = pid;
+    if !ACTIONS_REGISTERED.swap(true, Ordering::AcqRel) {
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            // SAFETY: `on_signal` is async-signal-safe: it reads atomics and
+            // calls getpid(2), write(2) and signal-hook's async-signal-safe
+            // `emulate_default_handler`. It neither allocates nor locks.
+            unsafe { signal_hook::low_level::register(sig, move || on_signal(sig)) }?;
+        }
+    }
+    Ok(())
+}
+
+/// The raw signal action. Runs in signal context.
+fn on_signal(sig: i32) {
+    if nix::unistd::getpid().as_raw() != OWNER_PID.load(Ordering::Acquire) {
+        // A forked child without guards of its own: behave as if we were not
+        // installed.
+        let _ = signal_hook::low_level::emulate_default_handler(sig);
+        return;
+    }
+    let fd = PIPE_WRITE.load(Ordering::Acquire);
+    let byte = sig as u8;
+    // SAFETY: write(2) is async-signal-safe; `byte` outlives the call. A full
+    // pipe (EAGAIN) only drops a duplicate wake-up.
+    unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+}
+
+/// The helper thread: turns signal bytes into cleanup or shutdown requests.
+fn helper(mut pipe: File) {
+    let mut buf = [0u8; 32];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                for &sig in &buf[..n] {
+                    dispatch(i32::from(sig));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn dispatch(sig: i32) {
+    let reg = lock(&REGISTRY);
+    let mut graceful = reg
+        .entries
+        .iter()
+        .filter(|e| e.mode == SignalMode::Graceful)
+        .peekable();
+    let forced = reg
+        .entries
+        .iter()
+        .any(|e| e.mode == SignalMode::Graceful && e.shutdown.is_requested());
+    if graceful.peek().is_some() && !forced {
+        graceful.for_each(|e| e.shutdown.set(sig));
+        return;
+    }
+    for e in &reg.entries {
+        // Best effort: the process ends next whatever happens here.
+        let _ = e.files.remove();
+    }
+    // The registry stays locked while the process dies, so no guard can be
+    // dropped or acquired half-way.
+    let _ = signal_hook::low_level::emulate_default_handler(sig);
+    // Only reached if someone ignores the signal behind our back.
+    std::process::exit(128 + sig);
+}

@@ -1,0 +1,106 @@
+//! Every platform difference in the crate lives here: the `sun_path` limit and
+//! how to learn which process holds a flock.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+
+/// Longest socket path, in bytes, that fits `sun_path` with its NUL: 107 on
+/// Linux (`sun_path[108]`), 103 on macOS and the BSDs (`sun_path[104]`). See
+/// `unix(7)`.
+pub(crate) const SUN_PATH_MAX: usize = {
+    // Sized from libc's own struct so every target gets its real limit.
+    let addr: std::mem::MaybeUninit<nix::libc::sockaddr_un> = std::mem::MaybeUninit::uninit();
+    // SAFETY: only the field's size is taken; nothing is read.
+    let len = unsafe { std::mem::size_of_val(&(*addr.as_ptr()).sun_path) };
+    len - 1
+};
+
+/// Which process holds the exclusive flock on `file`, when the kernel can say.
+///
+/// Linux lists every flock in `/proc/locks` with the locker's PID and the
+/// file's device and inode, so this reads the holder without touching the
+/// lock. `Ok(None)` means no exclusive flock on that inode; `Err(())` means the
+/// platform cannot tell (no `/proc`), and the caller falls back to a trial lock.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn flock_holder(file: &File) -> Result<Option<u32>, ()> {
+    let meta = file.metadata().map_err(drop)?;
+    let text = std::fs::read_to_string("/proc/locks").map_err(drop)?;
+    let dev = meta.dev();
+    Ok(parse_proc_locks(
+        &text,
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        meta.ino(),
+    ))
+}
+
+/// Other platforms have no `/proc/locks`; the caller uses a trial lock.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn flock_holder(_file: &File) -> Result<Option<u32>, ()> {
+    Err(())
+}
+
+/// Finds the PID holding an exclusive `FLOCK` on `major:minor:ino` in the text
+/// of `/proc/locks` (format in `proc(5)`): lines such as
+/// `3: FLOCK  ADVISORY  WRITE 4242 00:1a:5120 0 EOF`. Waiters (`->`) are
+/// skipped.
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+pub(crate) fn parse_proc_locks(text: &str, major: u64, minor: u64, ino: u64) -> Option<u32> {
+    text.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let _ordinal = fields.next()?;
+        let mut class = fields.next()?;
+        if class == "->" {
+            return None;
+        }
+        if class != "FLOCK" {
+            // An OFD or POSIX lock line ("OFDLCK", "POSIX"): not ours.
+            class = "";
+        }
+        let _advisory = fields.next()?;
+        let access = fields.next()?;
+        let pid = fields.next()?;
+        let id = fields.next()?;
+        if class.is_empty() || access != "WRITE" {
+            return None;
+        }
+        let mut parts = id.split(':');
+        let maj = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let min = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let i: u64 = parts.next()?.parse().ok()?;
+        if (maj, min, i) != (major, minor, ino) {
+            return None;
+        }
+        pid.parse::<u32>().ok().filter(|&p| p > 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+1: POSIX  ADVISORY  WRITE 900 00:1a:5120 0 EOF
+2: FLOCK  ADVISORY  READ 901 00:1a:5120 0 EOF
+3: FLOCK  ADVISORY  WRITE 4242 fd:01:5120 0 EOF
+3: -> FLOCK  ADVISORY  WRITE 4243 00:1a:5120 0 EOF
+4: FLOCK  ADVISORY  WRITE 77 00:1a:5120 0 EOF
+";
+
+    #[test]
+    fn proc_locks_finds_the_exclusive_flock_on_that_inode_only() {
+        assert_eq!(parse_proc_locks(SAMPLE, 0, 0x1a, 5120), Some(77));
+        assert_eq!(parse_proc_locks(SAMPLE, 0xfd, 1, 5120), Some(4242));
+        assert_eq!(parse_proc_locks(SAMPLE, 0, 0x1a, 5121), None);
+        assert_eq!(parse_proc_locks("", 0, 0x1a, 5120), None);
+        assert_eq!(parse_proc_locks("garbage line\n\n1:", 0, 0x1a, 5120), None);
+    }
+
+    #[test]
+    fn sun_path_limit_matches_the_platform() {
+        #[cfg(target_os = "linux")]
+        assert_eq!(SUN_PATH_MAX, 107);
+        #[cfg(target_os = "macos")]
+        assert_eq!(SUN_PATH_MAX, 103);
+    }
+}
