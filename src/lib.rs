@@ -102,6 +102,12 @@ pub use probe::{
 };
 pub use signals::{Shutdown, SignalMode};
 
+// The README's and the seed description's snippets run as doctests, so the
+// documented API cannot drift from the crate.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/seed.md")]
+struct SeedDoctests;
