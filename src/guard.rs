@@ -4,8 +4,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use nix::sys::stat::{fchmod, Mode};
@@ -210,16 +209,17 @@ impl DaemonGuard {
     /// them on.
     pub fn keep(mut self) -> (File, Option<UnixListener>) {
         self.registration = None;
-        self.files.done.store(true, Ordering::Release);
+        *self.files.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
         let lock = self.lock.take().expect("a live guard holds its lock");
         (lock, self.listener.take())
     }
 
     fn release(&mut self) -> Result<()> {
-        // Leave the signal registry first, so the helper thread and we cannot
-        // both clean up.
-        self.registration = None;
+        // Remove before leaving the signal registry: a signal arriving now
+        // makes the helper thread wait on `done` until we finish, instead of
+        // ending the process half-way through.
         let removed = self.files.remove();
+        self.registration = None;
         self.listener = None;
         self.lock = None; // releases the claim, after the files are gone
         removed
@@ -303,7 +303,7 @@ impl DaemonGuardBuilder {
             pid_path: pid_path.clone(),
             pid_id: claim.dev_ino,
             owner: std::process::id(),
-            done: AtomicBool::new(false),
+            done: Mutex::new(false),
         });
         let shutdown = Shutdown::default();
         let registration = register(self.signals, Arc::clone(&files), shutdown.clone())?;
@@ -370,14 +370,20 @@ pub(crate) struct OwnedFiles {
     /// The acquiring process; a forked child never removes anything.
     pub(crate) owner: u32,
     /// Set by whoever cleans up first (Drop, `close`, the signal thread).
-    pub(crate) done: AtomicBool,
+    /// A mutex, not a flag: the signal thread must wait for a Drop that is
+    /// half-way through removing before it ends the process.
+    pub(crate) done: Mutex<bool>,
 }
 
 impl OwnedFiles {
     /// Removes the socket, then the PID file, each only if the path still
     /// names the inode this guard created. Runs at most once.
     pub(crate) fn remove(&self) -> Result<()> {
-        if std::process::id() != self.owner || self.done.swap(true, Ordering::AcqRel) {
+        if std::process::id() != self.owner {
+            return Ok(());
+        }
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::replace(&mut *done, true) {
             return Ok(());
         }
         let socket = match self.socket_id {

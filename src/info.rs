@@ -1,13 +1,11 @@
 //! `DaemonInfo`: the seed's high-level view of a daemon's files, for tools
 //! that inspect or clean up after a daemon rather than run it.
 
-use std::fs::TryLockError;
-use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use crate::error::{io_at, LifecycleError, Result};
-use crate::pidfile::{cleanup_pid_file, read_pid_file, running_pid};
+use crate::error::{LifecycleError, Result};
+use crate::paths::lstat_opt;
+use crate::pidfile::{lock_existing, read_pid_file, running_pid};
 use crate::probe::{probe, probe_socket, remove_if_same, SocketState};
 
 /// A daemon's socket and PID file paths, with the PID last read from disk.
@@ -85,23 +83,15 @@ impl DaemonInfo {
     ///   socket or regular file sits at the paths; it is left alone.
     /// - [`LifecycleError::Io`] when a file cannot be examined or removed.
     pub fn cleanup(&self) -> Result<()> {
-        // Hold the claim, if there is a PID file, for the whole cleanup.
-        let claim = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-            .open(&self.pid_path)
-        {
-            Ok(f) => match f.try_lock() {
-                Ok(()) => Some(f),
-                Err(TryLockError::WouldBlock) => return Err(LifecycleError::AlreadyRunning),
-                Err(TryLockError::Error(e)) => {
-                    return Err(io_at("lock PID file", &self.pid_path, e))
-                }
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            // A symlink or other oddity: cleanup_pid_file reports it below.
-            Err(_) => None,
-        };
+        // Hold the claim on the PID file, if there is one, for the whole
+        // cleanup, so a daemon starting meanwhile cannot lose its fresh files.
+        let mut claim = None;
+        for _ in 0..8 {
+            claim = lock_existing(&self.pid_path)?;
+            if claim.is_some() || lstat_opt(&self.pid_path).ok().flatten().is_none() {
+                break;
+            }
+        }
         let p = probe(&self.socket_path)?;
         match p.state {
             SocketState::Listening | SocketState::Busy => return Err(LifecycleError::AlreadyRunning),
@@ -112,8 +102,12 @@ impl DaemonInfo {
             }
             SocketState::Absent => {}
         }
-        cleanup_pid_file(&self.pid_path)?;
-        drop(claim);
+        // Only the file we locked is removed; one that appeared after we
+        // looked belongs to a daemon that just started.
+        if let Some((file, id)) = claim {
+            remove_if_same(&self.pid_path, id, "remove PID file")?;
+            drop(file);
+        }
         Ok(())
     }
 }

@@ -218,26 +218,15 @@ pub(crate) fn claim(pid_path: &Path) -> Result<Claim> {
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => tmp = e.file,
             Err(e) => return Err(io_at("create PID file", pid_path, e.error)),
         }
-        let Some(existing) = open_pid_file(pid_path)? else {
-            continue; // removed since our attempt: try again
+        let Some(existing) = lock_existing(pid_path)? else {
+            continue; // removed or replaced since our attempt: go round
         };
-        match existing.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(LifecycleError::AlreadyRunning),
-            Err(TryLockError::Error(e)) => return Err(io_at("lock PID file", pid_path, e)),
-        }
-        let theirs = existing
-            .metadata()
-            .map_err(|e| io_at("examine PID file", pid_path, e))?;
-        if dev_ino(pid_path) != Some((theirs.dev(), theirs.ino())) {
-            continue; // we locked a file that is no longer at the path
-        }
         // A stale claim: its holder died. Ours replaces it in one rename while
         // we still hold its lock, so no racer can slip in between.
         let file = tmp
             .persist(pid_path)
             .map_err(|e| io_at("rename temp file over PID file", pid_path, e.error))?;
-        drop(existing);
+        drop(existing.0);
         return Ok(Claim {
             file,
             dev_ino: ours,
@@ -249,6 +238,33 @@ pub(crate) fn claim(pid_path: &Path) -> Result<Claim> {
         pid_path,
         io::Error::other("the file was replaced 64 times during the claim"),
     ))
+}
+
+/// Opens the file at `pid_path` and takes its exclusive flock without
+/// blocking, then checks the path still names the inode it locked.
+///
+/// - `Ok(Some((file, dev_ino)))`: locked, and it is the file at the path: any
+///   previous holder is dead.
+/// - `Ok(None)`: no file, or the path changed under us; look again.
+/// - `Err(AlreadyRunning)`: a live process holds the lock. Nothing was
+///   changed: the file is opened read-only.
+pub(crate) fn lock_existing(pid_path: &Path) -> Result<Option<(File, (u64, u64))>> {
+    let Some(file) = open_pid_file(pid_path)? else {
+        return Ok(None);
+    };
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Err(LifecycleError::AlreadyRunning),
+        Err(TryLockError::Error(e)) => return Err(io_at("lock PID file", pid_path, e)),
+    }
+    let meta = file
+        .metadata()
+        .map_err(|e| io_at("examine PID file", pid_path, e))?;
+    let id = (meta.dev(), meta.ino());
+    if dev_ino(pid_path) != Some(id) {
+        return Ok(None); // we locked a file that is no longer at the path
+    }
+    Ok(Some((file, id)))
 }
 
 /// A temp file beside `pid_path` holding `"<pid>\n"`, mode 0644. Removed on

@@ -101,11 +101,27 @@ pub fn probe_socket(path: &Path) -> Result<SocketState> {
 
 pub(crate) fn probe(path: &Path) -> Result<Probed> {
     check_socket_path(path)?;
+    // A path that is swapped between our lstat and connect is looked at
+    // again; one that keeps changing is someone fighting us, and an error.
+    for _ in 0..8 {
+        if let Some(found) = probe_once(path)? {
+            return Ok(found);
+        }
+    }
+    Err(io_at(
+        "probe socket",
+        path,
+        io::Error::other("the path kept changing while it was probed"),
+    ))
+}
+
+/// One lstat-connect-lstat round; `None` when the path changed under it.
+fn probe_once(path: &Path) -> Result<Option<Probed>> {
     let Some(before) = lstat_opt(path).map_err(|e| io_at("examine socket", path, e))? else {
-        return Ok(Probed {
+        return Ok(Some(Probed {
             state: SocketState::Absent,
             dev_ino: None,
-        });
+        }));
     };
     if !before.file_type().is_socket() {
         return Err(wrong_type(
@@ -114,21 +130,15 @@ pub(crate) fn probe(path: &Path) -> Result<Probed> {
             FileKind::of(before.file_type()),
         ));
     }
-    let dev_ino = Some((before.dev(), before.ino()));
+    let id = (before.dev(), before.ino());
     let state = match try_connect(path)? {
         Connect::Accepted => SocketState::Listening,
         Connect::Busy => SocketState::Busy,
-        Connect::Gone => SocketState::Absent,
+        Connect::Gone => return Ok(None),
         Connect::Refused => {
             // The path may have been swapped for a non-socket (which also
             // answers ECONNREFUSED) between the lstat and the connect.
             match lstat_opt(path).map_err(|e| io_at("examine socket", path, e))? {
-                Some(after)
-                    if after.file_type().is_socket()
-                        && (after.dev(), after.ino()) == (before.dev(), before.ino()) =>
-                {
-                    SocketState::Stale
-                }
                 Some(after) if !after.file_type().is_socket() => {
                     return Err(wrong_type(
                         path,
@@ -136,12 +146,16 @@ pub(crate) fn probe(path: &Path) -> Result<Probed> {
                         FileKind::of(after.file_type()),
                     ))
                 }
-                // Replaced by another socket or removed meanwhile: look again.
-                _ => return probe(path),
+                Some(after) if (after.dev(), after.ino()) == id => SocketState::Stale,
+                // Replaced by another socket, or removed: look again.
+                _ => return Ok(None),
             }
         }
     };
-    Ok(Probed { state, dev_ino })
+    Ok(Some(Probed {
+        state,
+        dev_ino: Some(id),
+    }))
 }
 
 enum Connect {

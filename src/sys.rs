@@ -43,7 +43,7 @@ pub(crate) fn flock_holder(_file: &File) -> Result<Option<u32>, ()> {
 /// Finds the PID holding an exclusive `FLOCK` on `major:minor:ino` in the text
 /// of `/proc/locks` (format in `proc(5)`): lines such as
 /// `3: FLOCK  ADVISORY  WRITE 4242 00:1a:5120 0 EOF`. Waiters (`->`) are
-/// skipped.
+/// skipped. `Some(0)`: held by a process whose PID this namespace cannot see.
 #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 pub(crate) fn parse_proc_locks(text: &str, major: u64, minor: u64, ino: u64) -> Option<u32> {
     text.lines().find_map(|line| {
@@ -71,7 +71,8 @@ pub(crate) fn parse_proc_locks(text: &str, major: u64, minor: u64, ino: u64) -> 
         if (maj, min, i) != (major, minor, ino) {
             return None;
         }
-        pid.parse::<u32>().ok().filter(|&p| p > 0)
+        // 0 means the holder is outside our PID namespace: held, PID unknown.
+        pid.parse::<u32>().ok()
     })
 }
 
@@ -94,6 +95,8 @@ mod tests {
         assert_eq!(parse_proc_locks(SAMPLE, 0, 0x1a, 5121), None);
         assert_eq!(parse_proc_locks("", 0, 0x1a, 5120), None);
         assert_eq!(parse_proc_locks("garbage line\n\n1:", 0, 0x1a, 5120), None);
+        let hidden = "1: FLOCK  ADVISORY  WRITE 0 00:1a:9 0 EOF\n";
+        assert_eq!(parse_proc_locks(hidden, 0, 0x1a, 9), Some(0));
     }
 
     #[test]
