@@ -75,12 +75,12 @@ pub(crate) struct Probed {
 /// once, so a daemon that never calls `accept` cannot hang the probe.
 ///
 /// # Errors
-/// - [`LifecycleError::PathTooLong`] when the path does not fit `sun_path`
+/// - [`LifecycleError::PathTooLong`](crate::LifecycleError::PathTooLong) when the path does not fit `sun_path`
 ///   (`unix(7)`); the path is never truncated.
-/// - [`LifecycleError::UnexpectedFileType`] when something other than a socket
+/// - [`LifecycleError::UnexpectedFileType`](crate::LifecycleError::UnexpectedFileType) when something other than a socket
 ///   is at the path (Linux answers `ECONNREFUSED` for those too, which is why
 ///   `lstat` decides).
-/// - [`LifecycleError::Io`] for every other failure: `EACCES`/`EPERM` on the
+/// - [`LifecycleError::Io`](crate::LifecycleError::Io) for every other failure: `EACCES`/`EPERM` on the
 ///   socket or a directory, a socket of another type (`EPROTOTYPE`), … None
 ///   of these proves anything, so nothing is concluded.
 ///
@@ -198,7 +198,7 @@ fn try_connect(path: &Path) -> Result<Connect> {
 /// under a flock.
 ///
 /// # Errors
-/// As [`probe_socket`], plus [`LifecycleError::Io`] when the stale socket
+/// As [`probe_socket`], plus [`LifecycleError::Io`](crate::LifecycleError::Io) when the stale socket
 /// cannot be removed. On every error nothing was removed.
 pub fn try_check_singleton(socket_path: &Path) -> Result<SingletonCheck> {
     // A removal can race with another process re-creating the path; a few
@@ -258,8 +258,8 @@ pub fn check_singleton(socket_path: &Path) -> SingletonCheck {
 /// only when it is stale, use [`check_singleton`].
 ///
 /// # Errors
-/// - [`LifecycleError::UnexpectedFileType`] when the path is not a socket.
-/// - [`LifecycleError::Io`] when `lstat(2)` or `unlink(2)` fails for a reason
+/// - [`LifecycleError::UnexpectedFileType`](crate::LifecycleError::UnexpectedFileType) when the path is not a socket.
+/// - [`LifecycleError::Io`](crate::LifecycleError::Io) when `lstat(2)` or `unlink(2)` fails for a reason
 ///   other than `ENOENT`.
 pub fn cleanup_socket_file(socket_path: &Path) -> Result<()> {
     let Some(meta) =
