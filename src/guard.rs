@@ -6,7 +6,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{bind, listen, Backlog, UnixAddr};
 use nix::sys::stat::{fchmod, Mode};
 
 use crate::error::{errno_at, LifecycleError, Result};
@@ -327,13 +327,7 @@ impl DaemonGuardBuilder {
 /// the given mode.
 fn bind_socket(path: &Path, mode: u32, backlog: i32) -> Result<UnixListener> {
     let addr = UnixAddr::new(path).map_err(|e| errno_at("address socket", path, e))?;
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| errno_at("create socket", path, e))?;
+    let fd = crate::sys::stream_socket(false).map_err(|e| errno_at("create socket", path, e))?;
     // On Linux bind(2) gives the new file the socket inode's mode less the
     // umask, so setting it first leaves no moment with a wider mode. The chmod
     // after bind makes the mode exact where the umask took bits away, and is

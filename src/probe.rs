@@ -7,7 +7,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{connect, UnixAddr};
 
 use crate::error::{errno_at, io_at, wrong_type, FileKind, Result};
 use crate::paths::{check_socket_path, lstat_opt};
@@ -167,13 +167,8 @@ enum Connect {
 
 fn try_connect(path: &Path) -> Result<Connect> {
     let addr = UnixAddr::new(path).map_err(|e| errno_at("address socket", path, e))?;
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(|e| errno_at("create a socket to probe", path, e))?;
+    let fd = crate::sys::stream_socket(true)
+        .map_err(|e| errno_at("create a socket to probe", path, e))?;
     match connect(fd.as_raw_fd(), &addr) {
         // EINPROGRESS is not used by AF_UNIX on Linux, but a BSD may report
         // it for an accepted-later connection: someone is listening.

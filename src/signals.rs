@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::libc;
 
 use crate::error::{LifecycleError, Result};
@@ -253,9 +252,7 @@ fn install(reg: &mut Registry, pid: i32) -> io::Result<()> {
             }
         }
     }
-    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    // The handler must never block, even if the helper is slow to drain.
-    fcntl(&write, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+    let (read, write) = crate::sys::signal_pipe().map_err(io::Error::from)?;
     let read_raw = read.as_raw_fd();
     std::thread::Builder::new()
         .name("historia-signals".into())

@@ -2,7 +2,11 @@
 //! how to learn which process holds a flock.
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
+#[cfg(any(target_os = "linux", target_os = "android"))]
 use std::os::unix::fs::MetadataExt;
+
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 /// Longest socket path, in bytes, that fits `sun_path` with its NUL: 107 on
 /// Linux (`sun_path[108]`), 103 on macOS and the BSDs (`sun_path[104]`). See
@@ -14,6 +18,59 @@ pub(crate) const SUN_PATH_MAX: usize = {
     let len = unsafe { std::mem::size_of_val(&(*addr.as_ptr()).sun_path) };
     len - 1
 };
+
+/// A close-on-exec Unix stream socket, non-blocking if asked.
+///
+/// Linux and the BSDs set both flags atomically in `socket(2)`, so no
+/// concurrent `fork`+`exec` can inherit the descriptor. macOS has no
+/// `SOCK_CLOEXEC`; there the flags follow with `fcntl(2)`, as std does.
+pub(crate) fn stream_socket(nonblocking: bool) -> nix::Result<OwnedFd> {
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        let mut flags = SockFlag::SOCK_CLOEXEC;
+        if nonblocking {
+            flags |= SockFlag::SOCK_NONBLOCK;
+        }
+        socket(AddressFamily::Unix, SockType::Stream, flags, None)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::empty(), None)?;
+        set_cloexec(&fd)?;
+        if nonblocking {
+            set_nonblocking(&fd)?;
+        }
+        Ok(fd)
+    }
+}
+
+/// A close-on-exec pipe whose write end is non-blocking: the self-pipe that a
+/// signal handler writes to must never block it.
+pub(crate) fn signal_pipe() -> nix::Result<(OwnedFd, OwnedFd)> {
+    #[cfg(not(target_vendor = "apple"))]
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    #[cfg(target_vendor = "apple")]
+    let (read, write) = {
+        let (r, w) = nix::unistd::pipe()?;
+        set_cloexec(&r)?;
+        set_cloexec(&w)?;
+        (r, w)
+    };
+    set_nonblocking(&write)?;
+    Ok((read, write))
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
+}
+
+#[cfg(target_vendor = "apple")]
+fn set_cloexec(fd: &OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map(drop)
+}
 
 /// Which process holds the exclusive flock on `file`, when the kernel can say.
 ///
