@@ -80,6 +80,7 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+mod control;
 mod error;
 mod guard;
 mod info;
@@ -89,6 +90,7 @@ mod probe;
 mod signals;
 mod sys;
 
+pub use control::signal_daemon;
 pub use error::{FileKind, LifecycleError, Result};
 pub use guard::{DaemonGuard, DaemonGuardBuilder, DEFAULT_BACKLOG, DEFAULT_SOCKET_MODE};
 pub use info::DaemonInfo;

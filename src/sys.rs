@@ -72,6 +72,91 @@ fn set_cloexec(fd: &OwnedFd) -> nix::Result<()> {
     fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map(drop)
 }
 
+/// Why [`signal_if`] failed: the caller's check, or the OS.
+pub(crate) enum SignalError {
+    Check(crate::LifecycleError),
+    Os(std::io::Error),
+}
+
+/// Sends `signal` to `pid` if `still_ours()` confirms it, returning whether it
+/// was sent (`false`: the check failed or the process is gone).
+///
+/// Linux: the pidfd is opened before the check, so the signal reaches the
+/// process that was checked even if `pid` is recycled meanwhile.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn signal_if(
+    pid: u32,
+    signal: i32,
+    still_ours: impl FnOnce() -> Result<bool, crate::LifecycleError>,
+) -> Result<bool, SignalError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use nix::errno::Errno;
+    use nix::libc;
+
+    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return match Errno::last() {
+            Errno::ESRCH => Ok(false),
+            // Kernel older than 5.3: check, then kill(2).
+            Errno::ENOSYS => kill_if(pid, signal, still_ours),
+            e => Err(SignalError::Os(e.into())),
+        };
+    }
+    // SAFETY: a successful pidfd_open returned a descriptor we now own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    if !still_ours().map_err(SignalError::Check)? {
+        return Ok(false);
+    }
+    // SAFETY: a valid pidfd, a null siginfo (as kill(2)), no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return match Errno::last() {
+            Errno::ESRCH => Ok(false),
+            e => Err(SignalError::Os(e.into())),
+        };
+    }
+    Ok(true)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn signal_if(
+    pid: u32,
+    signal: i32,
+    still_ours: impl FnOnce() -> Result<bool, crate::LifecycleError>,
+) -> Result<bool, SignalError> {
+    kill_if(pid, signal, still_ours)
+}
+
+/// Check, then `kill(2)`: the portable fallback.
+fn kill_if(
+    pid: u32,
+    signal: i32,
+    still_ours: impl FnOnce() -> Result<bool, crate::LifecycleError>,
+) -> Result<bool, SignalError> {
+    use nix::errno::Errno;
+    if !still_ours().map_err(SignalError::Check)? {
+        return Ok(false);
+    }
+    // SAFETY: kill(2) with a positive PID (checked by running_pid's parsing).
+    let r = unsafe { nix::libc::kill(pid as nix::libc::pid_t, signal) };
+    if r < 0 {
+        return match Errno::last() {
+            Errno::ESRCH => Ok(false),
+            e => Err(SignalError::Os(e.into())),
+        };
+    }
+    Ok(true)
+}
+
 /// Which process holds the exclusive flock on `file`, when the kernel can say.
 ///
 /// Linux lists every flock in `/proc/locks` with the locker's PID and the
