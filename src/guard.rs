@@ -126,6 +126,8 @@ impl DaemonGuard {
     ///   file cannot be written, or `bind(2)` fails.
     /// - [`LifecycleError::Signals`] when the signal handling cannot be
     ///   installed.
+    /// - [`LifecycleError::InvalidArgument`] when both paths are the same, or
+    ///   the socket path is empty or holds a NUL byte.
     ///
     /// On every error, nothing this call created is left behind.
     pub fn acquire(socket_path: impl AsRef<Path>, pid_path: impl AsRef<Path>) -> Result<Self> {
@@ -266,6 +268,15 @@ impl DaemonGuardBuilder {
     pub fn acquire(self) -> Result<DaemonGuard> {
         let (socket_path, pid_path) = (self.socket_path, self.pid_path);
         check_socket_path(&socket_path)?;
+        if socket_path == pid_path {
+            return Err(LifecycleError::InvalidArgument {
+                what: "paths",
+                reason: format!(
+                    "the socket and the PID file are both {}",
+                    socket_path.display()
+                ),
+            });
+        }
         ensure_dir(parent_dir(&pid_path))?;
         ensure_dir(parent_dir(&socket_path))?;
 
