@@ -1,1 +1,242 @@
-fn main(){}
+//! Control command for the `daemon` example: ask whether it runs, ping it,
+//! stop it.
+//!
+//! ```text
+//! cargo run --example ctl -- status     # running (pid N) | not running | stale files left
+//! cargo run --example ctl -- ping       # pong
+//! cargo run --example ctl -- stop       # `stop` over the socket, else SIGTERM
+//! ```
+//!
+//! It finds the daemon the way the daemon does: `--socket`/`--pid`, then
+//! `HISTORIA_DEMO_SOCKET`/`HISTORIA_DEMO_PID`, then the private runtime dir.
+//!
+//! The one rule worth copying: when it has to signal the daemon, it signals
+//! the process that [`running_pid`] names, the kernel-verified holder of the
+//! PID file's lock, never the number written in the file, which may belong to
+//! an unrelated process by now.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use historia_lifecycle::{probe_socket, running_pid, signal_daemon};
+use nix::libc;
+
+#[path = "shared/cli.rs"]
+mod cli;
+use cli::{parse_args, report, resolve_paths};
+
+/// `status` exit codes follow the LSB init-script convention.
+const EXIT_RUNNING: i32 = 0;
+const EXIT_NOT_RUNNING: i32 = 3;
+const EXIT_STATUS_UNKNOWN: i32 = 4;
+const EXIT_USAGE: i32 = 2;
+const EXIT_ERROR: i32 = 1;
+
+/// How long to wait for the daemon's reply on the socket.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `stop` waits for the daemon to exit and remove its files.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Replies are one short line; more than this is not our daemon.
+const MAX_REPLY: u64 = 1024;
+
+const USAGE: &str = "\
+usage: ctl [--socket PATH] [--pid PATH] <status|ping|stop>
+
+commands:
+  status   print \"running (pid N)\", \"not running\", or
+           \"not running, stale files left (...)\";
+           exit 0 if running, 3 if not, 4 if it cannot tell
+  ping     send ping over the socket and print the reply
+  stop     ask the daemon to stop over the socket; if that fails, send
+           SIGTERM to the process holding the PID file's lock; then wait up
+           to 5s until it has exited and removed its files
+
+options:
+  --socket PATH   the daemon's socket   (env HISTORIA_DEMO_SOCKET)
+  --pid PATH      the daemon's PID file (env HISTORIA_DEMO_PID)
+  -h, --help      print this help
+
+Default paths are the daemon's: daemon.sock and daemon.pid in
+$XDG_RUNTIME_DIR/historia-demo/ or <temp dir>/historia-demo-<uid>/.";
+
+fn main() {
+    let code = match parse_args(std::env::args_os().skip(1), &["status", "ping", "stop"]) {
+        Ok(None) => {
+            println!("{USAGE}");
+            0
+        }
+        Ok(Some(cli::Parsed { word: None, .. })) => {
+            eprintln!("ctl: missing command: status, ping or stop\n\n{USAGE}");
+            EXIT_USAGE
+        }
+        Ok(Some(cli::Parsed {
+            word: Some(command),
+            socket,
+            pid,
+        })) => match resolve_paths(socket, pid, false) {
+            Ok((socket, pid)) => match command.as_str() {
+                "status" => status(&socket, &pid),
+                "ping" => ping(&socket),
+                _ => stop(&socket, &pid),
+            },
+            Err(e) => {
+                report("ctl", &e);
+                if command == "status" {
+                    EXIT_STATUS_UNKNOWN
+                } else {
+                    EXIT_ERROR
+                }
+            }
+        },
+        Err(msg) => {
+            eprintln!("ctl: {msg}\n\n{USAGE}");
+            EXIT_USAGE
+        }
+    };
+    std::process::exit(code);
+}
+
+/// `status`: ask the kernel who holds the PID file's lock.
+fn status(socket: &Path, pid_path: &Path) -> i32 {
+    match running_pid(pid_path) {
+        Ok(Some(pid)) => {
+            println!("running (pid {pid})");
+            return EXIT_RUNNING;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            report("ctl", &e);
+            return EXIT_STATUS_UNKNOWN;
+        }
+    }
+    // Nobody holds the lock. Something may still answer on the socket (the PID
+    // file was deleted by hand, say): that is a running daemon too.
+    if probe_socket(socket).is_ok_and(|s| s.is_live()) {
+        println!(
+            "running (pid unknown: {} answers, but no process holds {})",
+            socket.display(),
+            pid_path.display()
+        );
+        return EXIT_RUNNING;
+    }
+    match leftovers(socket, pid_path) {
+        None => println!("not running"),
+        Some(files) => println!("not running, stale files left ({files})"),
+    }
+    EXIT_NOT_RUNNING
+}
+
+/// `ping`: one round trip over the socket.
+fn ping(socket: &Path) -> i32 {
+    match request(socket, "ping") {
+        Ok(reply) => {
+            println!("{reply}");
+            if reply == "pong" {
+                0
+            } else {
+                EXIT_ERROR
+            }
+        }
+        Err(e) => {
+            eprintln!("ctl: cannot ping the daemon at {}: {e}", socket.display());
+            EXIT_ERROR
+        }
+    }
+}
+
+/// `stop`: the polite way first, then SIGTERM to the lock holder, then wait.
+fn stop(socket: &Path, pid_path: &Path) -> i32 {
+    match request(socket, "stop") {
+        Ok(reply) => println!(
+            "asked the daemon to stop over {}: {reply}",
+            socket.display()
+        ),
+        Err(e) => {
+            // Signal the process holding the PID file's lock, through a pidfd
+            // opened before the holder is checked: never a recycled PID.
+            match signal_daemon(pid_path, libc::SIGTERM) {
+                Ok(Some(pid)) => println!(
+                    "cannot reach the daemon over {}: {e}\n\
+                     sent SIGTERM to pid {pid} (the holder of the lock on {})",
+                    socket.display(),
+                    pid_path.display()
+                ),
+                Ok(None) => {
+                    // No lock holder and no answer on the socket: nothing runs.
+                    // Stopping a stopped service succeeds, as in LSB init scripts.
+                    match leftovers(socket, pid_path) {
+                        None => println!("not running"),
+                        Some(files) => println!(
+                            "not running, stale files left ({files}); the next start reclaims them"
+                        ),
+                    }
+                    return 0;
+                }
+                Err(e) => {
+                    report("ctl", &e);
+                    return EXIT_ERROR;
+                }
+            }
+        }
+    }
+    wait_until_stopped(socket, pid_path)
+}
+
+/// Polls until nobody holds the lock and both files are gone, or
+/// [`STOP_TIMEOUT`] passes.
+fn wait_until_stopped(socket: &Path, pid_path: &Path) -> i32 {
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    loop {
+        let holder = running_pid(pid_path);
+        let left = leftovers(socket, pid_path);
+        if matches!(holder, Ok(None)) && left.is_none() {
+            println!("stopped");
+            return 0;
+        }
+        if Instant::now() >= deadline {
+            match holder {
+                Ok(Some(pid)) => eprintln!(
+                    "ctl: pid {pid} still runs after {STOP_TIMEOUT:?}; `kill -KILL {pid}` forces it"
+                ),
+                Ok(None) => eprintln!(
+                    "ctl: the daemon exited but left files behind ({}); the next start reclaims them",
+                    left.unwrap_or_default()
+                ),
+                Err(e) => report("ctl", &e),
+            }
+            return EXIT_ERROR;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends one command line and returns the reply line, without its newline.
+fn request(socket: &Path, command: &str) -> io::Result<String> {
+    let mut stream = UnixStream::connect(socket)?;
+    // Bounded waits: a hung daemon must not hang its control command.
+    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+    writeln!(stream, "{command}")?;
+    let mut reply = String::new();
+    BufReader::new(stream.take(MAX_REPLY)).read_line(&mut reply)?;
+    if reply.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the daemon closed the connection without a reply",
+        ));
+    }
+    Ok(reply.trim_end().to_owned())
+}
+
+/// Which of the two files exist, for messages; `None` when neither does.
+fn leftovers(socket: &Path, pid_path: &Path) -> Option<String> {
+    let present: Vec<String> = [socket, pid_path]
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    (!present.is_empty()).then(|| present.join(", "))
+}

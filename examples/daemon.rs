@@ -1,1 +1,423 @@
-fn main(){}
+//! A small foreground daemon built on `historia-lifecycle`: one instance at a
+//! time, a PID file that `start-stop-daemon` trusts, recovery after SIGKILL,
+//! and graceful shutdown on SIGTERM, SIGINT (Ctrl-C) or a `stop` command.
+//!
+//! ```text
+//! cargo run --example daemon                      # default paths, see --help
+//! cargo run --example daemon -- --socket /tmp/d/daemon.sock --pid /tmp/d/daemon.pid
+//! cargo run --example ctl -- status|ping|stop     # talk to it
+//! ```
+//!
+//! It speaks a line protocol on its Unix socket, one command per line:
+//! `ping` → `pong`, `status` → `pid 1234 uptime 12.3s`, `stop` → `stopping`
+//! (then shuts down), anything else → `error: unknown command "x"`.
+//! Try it by hand with `socat - UNIX-CONNECT:<socket>`.
+//!
+//! Exit status: 0 after `stop`, 128+N after signal N (143 for SIGTERM, 130
+//! for SIGINT), 3 when another instance is already running, 2 for a bad
+//! command line, 1 for any other error.
+
+use std::error::Error;
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use historia_lifecycle::{running_pid, DaemonGuard, LifecycleError, Shutdown, SignalMode};
+use nix::libc;
+
+#[path = "shared/cli.rs"]
+mod cli;
+use cli::{parse_args, report, resolve_paths};
+
+/// Exit status when another instance holds the claim, distinct from other
+/// failures so scripts can tell "already up" from "broken".
+const EXIT_ALREADY_RUNNING: i32 = 3;
+const EXIT_USAGE: i32 = 2;
+const EXIT_ERROR: i32 = 1;
+
+/// Longest command line a client may send. Commands are a few bytes; the
+/// bound keeps a client from making us buffer without limit.
+const MAX_LINE: usize = 1024;
+/// A client that sends nothing for this long is disconnected, so idle
+/// connections cannot pile up forever.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that stops reading cannot stall its thread for longer than this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many clients at once; more are turned away with an error line
+/// instead of each costing a thread.
+const MAX_CLIENTS: usize = 64;
+/// How long shutdown waits for requests being answered before it removes the
+/// files anyway. Short: a stuck client must not keep the daemon alive.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+const USAGE: &str = "\
+usage: daemon [--socket PATH] [--pid PATH]
+
+Runs a demo daemon in the foreground until `stop`, SIGTERM or Ctrl-C.
+
+options:
+  --socket PATH   Unix socket to listen on   (env HISTORIA_DEMO_SOCKET)
+  --pid PATH      PID file to hold and lock  (env HISTORIA_DEMO_PID)
+  -h, --help      print this help
+
+By default both live in $XDG_RUNTIME_DIR/historia-demo/, or in
+<temp dir>/historia-demo-<uid>/ when XDG_RUNTIME_DIR is unset or unusable,
+as daemon.sock and daemon.pid.
+
+exit status: 0 after `stop`, 128+N after signal N (143 SIGTERM, 130 SIGINT),
+3 if another instance is running, 2 for a bad command line, 1 on error";
+
+/// Prints one line to stdout and flushes it at once, so that whoever reads a
+/// pipe or a log file sees start-up progress as it happens. Write errors are
+/// ignored on purpose: a closed terminal must not take the daemon down (and
+/// `println!` would panic on one).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, $($arg)*);
+        let _ = out.flush();
+    }};
+}
+
+/// As [`say!`], for diagnostics on stderr.
+macro_rules! warn {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stderr().lock(), $($arg)*);
+    }};
+}
+
+fn main() {
+    let code = match parse_args(std::env::args_os().skip(1), &[]) {
+        Ok(None) => {
+            say!("{USAGE}");
+            0
+        }
+        Ok(Some(args)) => match run(args.socket, args.pid) {
+            Ok(code) => code,
+            Err(e) => {
+                report("daemon", e.as_ref());
+                EXIT_ERROR
+            }
+        },
+        Err(msg) => {
+            warn!("daemon: {msg}\n\n{USAGE}");
+            EXIT_USAGE
+        }
+    };
+    // Every guard is closed by now (`run` owns it), so exiting here skips no
+    // cleanup.
+    std::process::exit(code);
+}
+
+/// Runs the daemon; returns its exit status.
+fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<dyn Error>> {
+    let (socket_path, pid_path) = resolve_paths(socket, pid, true)
+        .map_err(|e| context("cannot choose the runtime dir", e))?;
+    say!("socket {}", socket_path.display());
+    say!("pid file {}", pid_path.display());
+
+    // Graceful: SIGTERM/SIGINT only wake `guard.shutdown()`, so we decide how
+    // to wind down; a second signal during a stuck drain still ends us.
+    let mut guard = match DaemonGuard::builder(&socket_path, &pid_path)
+        .signals(SignalMode::Graceful)
+        .acquire()
+    {
+        Ok(guard) => guard,
+        Err(LifecycleError::AlreadyRunning) => {
+            refuse_second_instance(&socket_path, &pid_path);
+            return Ok(EXIT_ALREADY_RUNNING);
+        }
+        Err(e) => return Err(context("cannot start", e)),
+    };
+    say!("{}", reclaim_note(&guard));
+    say!("pid {}", guard.pid());
+
+    let Some(listener) = guard.take_listener() else {
+        // A fresh guard always has its listener; the guard's Drop cleans up.
+        return Err("the guard's listener was already taken".into());
+    };
+    let state = Arc::new(State {
+        pid: guard.pid(),
+        started: Instant::now(),
+        shutdown: guard.shutdown().clone(),
+        clients: Arc::default(),
+        busy: Arc::default(),
+    });
+    let acceptor_state = Arc::clone(&state);
+    thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || accept_loop(listener, acceptor_state))
+        .map_err(|e| context("cannot start the accept thread", e))?;
+    say!("ready");
+
+    guard.shutdown().wait();
+    say!("shutting down ({})", reason(guard.shutdown()));
+
+    // Let answers being written finish, within a bound. Idle connections are
+    // not waited for: they hold no request, and exiting closes them.
+    let left = state.busy.wait_zero(DRAIN_TIMEOUT);
+    if left > 0 {
+        warn!("daemon: {left} request(s) still running after {DRAIN_TIMEOUT:?}; exiting anyway");
+    }
+
+    let code = guard.shutdown().exit_code();
+    // close() rather than Drop: Drop has to stay silent, close() says what
+    // could not be removed.
+    if let Err(e) = guard.close() {
+        report(
+            "daemon",
+            context("cannot remove the socket or PID file", e).as_ref(),
+        );
+        return Ok(EXIT_ERROR);
+    }
+    say!("stopped");
+    Ok(code)
+}
+
+/// Tells the user who holds the claim. `running_pid` asks the kernel which
+/// process holds the PID file's lock, so it cannot name a dead or recycled PID
+/// the way the file's text could.
+fn refuse_second_instance(socket_path: &Path, pid_path: &Path) {
+    let who = match running_pid(pid_path) {
+        Ok(Some(pid)) => format!("pid {pid}"),
+        // The holder exited between our attempt and this look, or a program
+        // listens on the socket without holding the PID file.
+        Ok(None) => "pid unknown".to_owned(),
+        Err(e) => format!("pid unknown: {e}"),
+    };
+    warn!(
+        "daemon: already running ({who}) on socket {}; not starting a second instance",
+        socket_path.display()
+    );
+}
+
+/// One line saying whether a crashed instance's files were taken over.
+fn reclaim_note(guard: &DaemonGuard) -> &'static str {
+    match (
+        guard.reclaimed_stale_socket(),
+        guard.reclaimed_stale_pid_file(),
+    ) {
+        (true, true) => "reclaimed stale socket and stale PID file left by a dead instance",
+        (true, false) => "reclaimed stale socket left by a dead instance",
+        (false, true) => "reclaimed stale PID file left by a dead instance",
+        (false, false) => "no stale files to reclaim",
+    }
+}
+
+/// Why we are shutting down, for the log line.
+fn reason(shutdown: &Shutdown) -> String {
+    match shutdown.signal() {
+        Some(libc::SIGTERM) => "SIGTERM".into(),
+        Some(libc::SIGINT) => "SIGINT".into(),
+        Some(n) => format!("signal {n}"),
+        None => "stop command".into(),
+    }
+}
+
+/// What the client threads share.
+struct State {
+    pid: u32,
+    started: Instant,
+    shutdown: Shutdown,
+    /// Open connections, capped at [`MAX_CLIENTS`].
+    clients: Arc<Gauge>,
+    /// Requests being answered right now; shutdown drains these.
+    busy: Arc<Gauge>,
+}
+
+/// Accepts clients until the process exits, one thread each.
+///
+/// After a shutdown request it turns every newcomer away instead of serving
+/// it. It is never joined: it may sit in `accept(2)` until the process exits,
+/// which is harmless because the guard has removed the socket by then.
+fn accept_loop(listener: UnixListener, state: Arc<State>) {
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(stream) => stream,
+            Err(e) => {
+                // EMFILE and friends: don't spin, don't die; a later accept
+                // may succeed once clients leave.
+                warn!("daemon: accept failed: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if state.shutdown.is_requested() {
+            turn_away(&stream, "error: shutting down");
+            continue;
+        }
+        let Some(ticket) = state.clients.try_enter(MAX_CLIENTS) else {
+            turn_away(&stream, "error: too many clients");
+            continue;
+        };
+        let client_state = Arc::clone(&state);
+        let spawned = thread::Builder::new().name("client".into()).spawn(move || {
+            let _ticket = ticket; // leaves the gauge when the thread ends
+            if let Err(e) = serve_client(&stream, &client_state) {
+                log_client_error(&e);
+            }
+        });
+        if let Err(e) = spawned {
+            // The closure (and the stream in it) was dropped: the client sees EOF.
+            warn!("daemon: cannot start a client thread: {e}");
+        }
+    }
+}
+
+/// A short error line to a client we will not serve. A few bytes into a fresh
+/// socket's buffer never block, and the client may already be gone.
+fn turn_away(mut stream: &UnixStream, line: &str) {
+    let _ = writeln!(stream, "{line}");
+}
+
+/// Answers one client's commands, one line each, until it hangs up, idles
+/// out, sends an over-long line, or the daemon is stopping.
+fn serve_client(stream: &UnixStream, state: &State) -> io::Result<()> {
+    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let mut reader = BufReader::new(stream);
+    let mut writer = stream;
+    let mut line = Vec::with_capacity(64);
+    loop {
+        line.clear();
+        // One byte more than allowed, to tell "exactly MAX_LINE" from "longer".
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(()); // the client hung up
+        }
+        if line.len() > MAX_LINE {
+            writeln!(writer, "error: line longer than {MAX_LINE} bytes")?;
+            return Ok(());
+        }
+        if state.shutdown.is_requested() {
+            writeln!(writer, "error: shutting down")?;
+            return Ok(());
+        }
+        let busy = state.busy.enter();
+        let command = String::from_utf8_lossy(&line);
+        let (reply, stop) = answer(command.trim(), state);
+        writeln!(writer, "{reply}")?;
+        if stop {
+            // After the reply, so the client hears it before the files go.
+            state.shutdown.request();
+            return Ok(());
+        }
+        drop(busy);
+    }
+}
+
+/// The protocol: the reply to one command, and whether it asks us to stop.
+fn answer(command: &str, state: &State) -> (String, bool) {
+    match command {
+        "ping" => ("pong".into(), false),
+        "status" => (
+            format!(
+                "pid {} uptime {:.1}s",
+                state.pid,
+                state.started.elapsed().as_secs_f64()
+            ),
+            false,
+        ),
+        "stop" => ("stopping".into(), true),
+        other => (format!("error: unknown command {other:?}"), false),
+    }
+}
+
+/// Idle timeouts and clients that hang up mid-reply are routine; anything
+/// else is worth a line on stderr.
+fn log_client_error(e: &io::Error) {
+    match e.kind() {
+        io::ErrorKind::WouldBlock
+        | io::ErrorKind::TimedOut
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset => {}
+        _ => warn!("daemon: client error: {e}"),
+    }
+}
+
+/// A counter that can be waited on until it drops to zero.
+#[derive(Default)]
+struct Gauge {
+    count: Mutex<usize>,
+    zero: Condvar,
+}
+
+/// One unit counted in a [`Gauge`], given back on drop, also when a client
+/// thread panics. Owns its gauge so it can move into a thread.
+struct Ticket(Arc<Gauge>);
+
+impl Gauge {
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        // A panicking client thread must not wedge shutdown: the count is
+        // still right, because tickets give back on unwind too.
+        self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enter(self: &Arc<Self>) -> Ticket {
+        *self.lock() += 1;
+        Ticket(Arc::clone(self))
+    }
+
+    /// Counts one in, unless `max` are in already.
+    fn try_enter(self: &Arc<Self>, max: usize) -> Option<Ticket> {
+        let mut n = self.lock();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Ticket(Arc::clone(self)))
+    }
+
+    /// Waits until the count is zero or `timeout` passes; returns what is
+    /// left.
+    fn wait_zero(&self, timeout: Duration) -> usize {
+        let (n, _) = self
+            .zero
+            .wait_timeout_while(self.lock(), timeout, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *n
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut n = self.0.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.0.zero.notify_all();
+        }
+    }
+}
+
+/// Wraps an error with what we were doing, keeping it as the source so
+/// [`report`] prints the whole chain.
+fn context(what: &str, source: impl Error + 'static) -> Box<dyn Error> {
+    Box::new(Context {
+        what: what.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+#[derive(Debug)]
+struct Context {
+    what: String,
+    source: Box<dyn Error>,
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl Error for Context {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(self.source.as_ref())
+    }
+}

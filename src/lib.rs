@@ -95,7 +95,8 @@ pub use error::{FileKind, LifecycleError, Result};
 pub use guard::{DaemonGuard, DaemonGuardBuilder, DEFAULT_BACKLOG, DEFAULT_SOCKET_MODE};
 pub use info::DaemonInfo;
 pub use paths::{
-    ensure_dir, ensure_private_dir, runtime_dir, DEFAULT_PID_NAME, DEFAULT_SOCKET_NAME,
+    ensure_dir, ensure_private_dir, runtime_dir, runtime_dir_path, DEFAULT_PID_NAME,
+    DEFAULT_SOCKET_NAME,
 };
 pub use pidfile::{cleanup_pid_file, read_pid_file, running_pid, write_pid_file, PID_FILE_MODE};
 pub use probe::{

@@ -82,12 +82,30 @@ pub fn ensure_dir(path: &Path) -> Result<()> {
 /// # Ok::<(), historia_lifecycle::LifecycleError>(())
 /// ```
 pub fn runtime_dir(app: &str) -> Result<PathBuf> {
+    let dir = runtime_dir_path(app)?;
+    ensure_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// The path [`runtime_dir`] would use for `app`, computed without creating or
+/// checking the directory: for tools (`status`, `stop`) that must not leave a
+/// directory behind when no daemon ever ran. Check an existing one with
+/// [`ensure_private_dir`] before trusting what is inside.
+///
+/// # Errors
+/// [`LifecycleError::InvalidArgument`] when `app` is empty, `.`, `..`, or
+/// contains `/` or NUL.
+///
+/// ```
+/// let path = historia_lifecycle::runtime_dir_path("historia-doctest-unused")?;
+/// assert!(path.ends_with("historia-doctest-unused") || path.to_string_lossy().contains("historia-doctest-unused-"));
+/// # Ok::<(), historia_lifecycle::LifecycleError>(())
+/// ```
+pub fn runtime_dir_path(app: &str) -> Result<PathBuf> {
     validate_app_name(app)?;
     let uid = nix::unistd::geteuid().as_raw();
     let xdg = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| xdg_base_usable(Path::new(x), uid));
-    let dir = choose_runtime_dir(app, xdg.as_deref(), &std::env::temp_dir(), uid);
-    ensure_private_dir(&dir)?;
-    Ok(dir)
+    Ok(choose_runtime_dir(app, xdg.as_deref(), &std::env::temp_dir(), uid))
 }
 
 /// Creates `dir` (mode 0700) if it is missing, then checks that it is a

@@ -304,13 +304,15 @@ fn open_pid_file(pid_path: &Path) -> Result<Option<File>> {
     {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+        // ELOOP (a symlink, O_NOFOLLOW), ENXIO (a socket), …: say what is there.
+        Err(e) => {
             return Err(match lstat_opt(pid_path) {
-                Ok(Some(m)) => wrong_type(pid_path, FileKind::Regular, FileKind::of(m.file_type())),
+                Ok(Some(m)) if !m.is_file() => {
+                    wrong_type(pid_path, FileKind::Regular, FileKind::of(m.file_type()))
+                }
                 _ => io_at("open PID file", pid_path, e),
             })
         }
-        Err(e) => return Err(io_at("open PID file", pid_path, e)),
     };
     let meta = file
         .metadata()
