@@ -40,12 +40,10 @@ pub fn signal_daemon(pid_path: &Path, signal: i32) -> Result<Option<u32>> {
     let Some(pid) = running_pid(pid_path)? else {
         return Ok(None);
     };
-    let sent = crate::sys::signal_if(pid, signal, || {
-        Ok(running_pid(pid_path)? == Some(pid))
-    })
-    .map_err(|e| match e {
-        crate::sys::SignalError::Check(e) => e,
-        crate::sys::SignalError::Os(e) => io_at("signal the daemon holding", pid_path, e),
-    })?;
+    let sent = crate::sys::signal_if(pid, signal, || Ok(running_pid(pid_path)? == Some(pid)))
+        .map_err(|e| match e {
+            crate::sys::SignalError::Check(e) => e,
+            crate::sys::SignalError::Os(e) => io_at("signal the daemon holding", pid_path, e),
+        })?;
     Ok(sent.then_some(pid))
 }

@@ -283,7 +283,10 @@ mod tests {
         for e in all {
             let m = e.to_string();
             assert!(!m.ends_with('.'), "{m}");
-            assert!(m.chars().next().unwrap().is_lowercase() || m.starts_with('/'), "{m}");
+            assert!(
+                m.chars().next().unwrap().is_lowercase() || m.starts_with('/'),
+                "{m}"
+            );
         }
         assert_eq!(
             wrong_type(Path::new("/a/s"), FileKind::Socket, FileKind::Fifo).to_string(),

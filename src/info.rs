@@ -94,7 +94,9 @@ impl DaemonInfo {
         }
         let p = probe(&self.socket_path)?;
         match p.state {
-            SocketState::Listening | SocketState::Busy => return Err(LifecycleError::AlreadyRunning),
+            SocketState::Listening | SocketState::Busy => {
+                return Err(LifecycleError::AlreadyRunning)
+            }
             SocketState::Stale => {
                 if let Some(id) = p.dev_ino {
                     remove_if_same(&self.socket_path, id, "remove stale socket")?;

@@ -105,7 +105,12 @@ pub fn runtime_dir_path(app: &str) -> Result<PathBuf> {
     validate_app_name(app)?;
     let uid = nix::unistd::geteuid().as_raw();
     let xdg = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| xdg_base_usable(Path::new(x), uid));
-    Ok(choose_runtime_dir(app, xdg.as_deref(), &std::env::temp_dir(), uid))
+    Ok(choose_runtime_dir(
+        app,
+        xdg.as_deref(),
+        &std::env::temp_dir(),
+        uid,
+    ))
 }
 
 /// Creates `dir` (mode 0700) if it is missing, then checks that it is a
@@ -118,7 +123,13 @@ pub fn runtime_dir_path(app: &str) -> Result<PathBuf> {
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     ensure_dir(dir)?;
     let meta = std::fs::symlink_metadata(dir).map_err(|e| io_at("examine", dir, e))?;
-    check_private(dir, meta.file_type().is_symlink(), meta.is_dir(), meta.uid(), meta.mode())
+    check_private(
+        dir,
+        meta.file_type().is_symlink(),
+        meta.is_dir(),
+        meta.uid(),
+        meta.mode(),
+    )
 }
 
 /// The ownership and mode rules of [`ensure_private_dir`], on plain values.
@@ -231,7 +242,12 @@ mod tests {
     #[test]
     fn runtime_dir_prefers_xdg_and_falls_back_to_tmp_with_uid() {
         assert_eq!(
-            choose_runtime_dir("app", Some(OsStr::new("/run/user/1000")), Path::new("/tmp"), 1000),
+            choose_runtime_dir(
+                "app",
+                Some(OsStr::new("/run/user/1000")),
+                Path::new("/tmp"),
+                1000
+            ),
             PathBuf::from("/run/user/1000/app")
         );
         assert_eq!(
@@ -244,7 +260,10 @@ mod tests {
     fn app_names_that_escape_the_base_are_rejected() {
         for bad in ["", ".", "..", "a/b", "../x", "a\0b"] {
             assert!(
-                matches!(validate_app_name(bad), Err(LifecycleError::InvalidArgument { .. })),
+                matches!(
+                    validate_app_name(bad),
+                    Err(LifecycleError::InvalidArgument { .. })
+                ),
                 "{bad:?}"
             );
         }

@@ -374,7 +374,9 @@ pub(crate) fn parse_pid(bytes: &[u8]) -> std::result::Result<u32, String> {
     };
     let n: u64 = t.parse().map_err(|_| beyond())?;
     match n {
-        0 => Err("holds 0, which is not a process (kill(0, ...) signals the whole process group)".into()),
+        0 => Err(
+            "holds 0, which is not a process (kill(0, ...) signals the whole process group)".into(),
+        ),
         n if n > u64::from(max) => Err(beyond()),
         n => Ok(n as u32),
     }
@@ -394,7 +396,12 @@ mod tests {
             (b"007\n", 7),
             (b"2147483647\n", 2147483647),
         ] {
-            assert_eq!(parse_pid(text), Ok(pid), "{:?}", String::from_utf8_lossy(text));
+            assert_eq!(
+                parse_pid(text),
+                Ok(pid),
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
         }
     }
 

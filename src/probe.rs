@@ -257,8 +257,7 @@ pub fn check_singleton(socket_path: &Path) -> SingletonCheck {
 /// - [`LifecycleError::Io`](crate::LifecycleError::Io) when `lstat(2)` or `unlink(2)` fails for a reason
 ///   other than `ENOENT`.
 pub fn cleanup_socket_file(socket_path: &Path) -> Result<()> {
-    let Some(meta) =
-        lstat_opt(socket_path).map_err(|e| io_at("examine socket", socket_path, e))?
+    let Some(meta) = lstat_opt(socket_path).map_err(|e| io_at("examine socket", socket_path, e))?
     else {
         return Ok(());
     };
@@ -290,8 +289,5 @@ pub(crate) fn remove_if_same(path: &Path, dev_ino: (u64, u64), op: &'static str)
 
 /// Which inode `path` names now, if any.
 pub(crate) fn dev_ino(path: &Path) -> Option<(u64, u64)> {
-    lstat_opt(path)
-        .ok()
-        .flatten()
-        .map(|m| (m.dev(), m.ino()))
+    lstat_opt(path).ok().flatten().map(|m| (m.dev(), m.ino()))
 }

@@ -35,7 +35,12 @@ pub(crate) fn stream_socket(nonblocking: bool) -> nix::Result<OwnedFd> {
     }
     #[cfg(target_vendor = "apple")]
     {
-        let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::empty(), None)?;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )?;
         set_cloexec(&fd)?;
         if nonblocking {
             set_nonblocking(&fd)?;
@@ -89,9 +94,9 @@ pub(crate) fn signal_if(
     signal: i32,
     still_ours: impl FnOnce() -> Result<bool, crate::LifecycleError>,
 ) -> Result<bool, SignalError> {
-    use std::os::fd::{AsRawFd, FromRawFd};
     use nix::errno::Errno;
     use nix::libc;
+    use std::os::fd::{AsRawFd, FromRawFd};
 
     // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
