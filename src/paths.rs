@@ -121,6 +121,18 @@ pub fn runtime_dir_path(app: &str) -> Result<PathBuf> {
 /// As [`runtime_dir`]: [`LifecycleError::InsecureDir`],
 /// [`LifecycleError::UnexpectedFileType`] or [`LifecycleError::Io`].
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+    // A symlink (dangling or not) is refused as such, before mkdir would
+    // report a dangling one as a plain I/O error.
+    if lstat_opt(dir)
+        .ok()
+        .flatten()
+        .is_some_and(|m| m.file_type().is_symlink())
+    {
+        return Err(LifecycleError::InsecureDir {
+            path: dir.to_path_buf(),
+            reason: "it is a symbolic link".into(),
+        });
+    }
     ensure_dir(dir)?;
     let meta = std::fs::symlink_metadata(dir).map_err(|e| io_at("examine", dir, e))?;
     check_private(
