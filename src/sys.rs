@@ -168,17 +168,45 @@ fn kill_if(
 /// file's device and inode, so this reads the holder without touching the
 /// lock. `Ok(None)` means no exclusive flock on that inode; `Err(())` means the
 /// platform cannot tell (no `/proc`), and the caller falls back to a trial lock.
+///
+/// `/proc/locks` is a seq_file: one `read(2)` returns a consistent snapshot
+/// of at most one buffer (a page) of lines, and the next `read(2)` resumes by
+/// line *index*. When the list is longer than that and other processes lock or
+/// unlock in between, lines shift and one can be skipped: perhaps our
+/// holder's. So a miss counts only if the whole file came in one `read(2)`;
+/// a file read in pieces is read again, a few times, before a miss is
+/// believed. A hit is always genuine.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn flock_holder(file: &File) -> Result<Option<u32>, ()> {
+    use std::io::Read;
+    /// Reads of a torn (multi-`read(2)`) `/proc/locks` before a miss stands.
+    const TORN_READS: usize = 16;
     let meta = file.metadata().map_err(drop)?;
-    let text = std::fs::read_to_string("/proc/locks").map_err(drop)?;
     let dev = meta.dev();
-    Ok(parse_proc_locks(
-        &text,
-        nix::sys::stat::major(dev),
-        nix::sys::stat::minor(dev),
-        meta.ino(),
-    ))
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let mut text = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    for _ in 0..TORN_READS {
+        let mut locks = File::open("/proc/locks").map_err(drop)?;
+        text.clear();
+        let mut reads = 0;
+        loop {
+            match locks.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    text.extend_from_slice(&chunk[..n]);
+                    reads += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(()),
+            }
+        }
+        let found = parse_proc_locks(&String::from_utf8_lossy(&text), major, minor, meta.ino());
+        if found.is_some() || reads <= 1 {
+            return Ok(found);
+        }
+    }
+    Ok(None)
 }
 
 /// Other platforms have no `/proc/locks`; the caller uses a trial lock.

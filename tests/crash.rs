@@ -1,0 +1,293 @@
+//! Crash recovery (P2): after the holder is SIGKILLed at any point, the next
+//! acquire succeeds with no manual cleanup; and no PID file content (empty,
+//! garbage, an unrelated live PID, the acquirer's own PID) blocks a start.
+//!
+//! Holders and victims are child processes (this test binary re-run with a
+//! role, see `common`). Guards taken in the test process itself use
+//! `SignalMode::Off`, so the harness never gets our signal handlers.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    child_main, dev_ino, dir_names, env_required, report, wait_for_stdin_eof, ChildProc, ChildSpec,
+    Rng,
+};
+use historia_lifecycle::{
+    probe_socket, read_pid_file, running_pid, DaemonGuard, LifecycleError, SignalMode, SocketState,
+};
+use nix::sys::signal::Signal;
+
+/// The dispatcher test children run (see `common`).
+const ENTRY: &str = "child_process_entry";
+const SOCK_ENV: &str = "HISTORIA_TEST_SOCK";
+const PID_ENV: &str = "HISTORIA_TEST_PID";
+
+// ---------------------------------------------------------------------------
+// Child roles
+// ---------------------------------------------------------------------------
+
+#[test]
+fn child_process_entry() {
+    child_main(|role| match role {
+        "hold" => role_hold(false),
+        "hold-own-pid" => role_hold(true),
+        "acquire-loop" => role_acquire_loop(),
+        other => panic!("unknown child role {other:?}"),
+    });
+}
+
+fn env_paths() -> (PathBuf, PathBuf) {
+    (
+        PathBuf::from(env_required(SOCK_ENV)),
+        PathBuf::from(env_required(PID_ENV)),
+    )
+}
+
+/// Acquires and holds until end of file on stdin. With `own_pid`, first
+/// writes this process's own PID into the PID file, unlocked, as a daemon
+/// restarted under the same PID after a crash would find it.
+fn role_hold(own_pid: bool) {
+    let (sock, pid) = env_paths();
+    if own_pid {
+        fs::write(&pid, format!("{}\n", std::process::id())).expect("write own PID");
+    }
+    let guard = match DaemonGuard::acquire(&sock, &pid) {
+        Ok(g) => g,
+        Err(e) => {
+            report(format!("ERROR {e:?}"));
+            return;
+        }
+    };
+    report(format!(
+        "READY {} {} {}",
+        guard.pid(),
+        guard.reclaimed_stale_socket(),
+        guard.reclaimed_stale_pid_file()
+    ));
+    wait_for_stdin_eof();
+    drop(guard);
+}
+
+/// Acquires and drops in a tight loop until killed. Only `AlreadyRunning`
+/// (a momentary fd copy in a process being spawned elsewhere) is tolerated;
+/// anything else panics, which shows as exit status 101 instead of SIGKILL.
+fn role_acquire_loop() {
+    let (sock, pid) = env_paths();
+    report("LOOPING");
+    loop {
+        match DaemonGuard::acquire(&sock, &pid) {
+            Ok(g) => drop(g),
+            Err(LifecycleError::AlreadyRunning) => {}
+            Err(e) => panic!("acquire in the loop: {e:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parent side
+// ---------------------------------------------------------------------------
+
+struct Paths {
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+    pid: PathBuf,
+}
+
+fn paths() -> Paths {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("daemon.sock");
+    let pid = dir.path().join("daemon.pid");
+    Paths { dir, sock, pid }
+}
+
+fn role(role: &str, p: &Paths) -> ChildSpec {
+    ChildSpec::new(ENTRY, role)
+        .env(SOCK_ENV, &p.sock)
+        .env(PID_ENV, &p.pid)
+}
+
+/// Parses "READY <pid> <reclaimed socket> <reclaimed PID file>".
+fn parse_ready(child: &ChildProc) -> (bool, bool) {
+    let rest = child.expect_prefixed("READY ");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    assert_eq!(f[0], child.pid().to_string(), "{rest}");
+    (f[1] == "true", f[2] == "true")
+}
+
+fn assert_gone(p: &Paths) {
+    assert!(dev_ino(&p.sock).is_none(), "socket left behind");
+    assert!(dev_ino(&p.pid).is_none(), "PID file left behind");
+}
+
+fn is_pid_temp_file(name: &str) -> bool {
+    name.starts_with(".daemon.pid.") && name.ends_with(".tmp")
+}
+
+/// P2: a SIGKILLed holder leaves a stale socket and PID file; the next
+/// acquire (another process) reclaims both by itself, several times over.
+#[test]
+fn p2_sigkilled_holder_is_reclaimed_by_the_next_acquire() {
+    let p = paths();
+    let mut holder = role("hold", &p).spawn();
+    assert_eq!(parse_ready(&holder), (false, false));
+    for round in 0..3 {
+        let dead = holder.pid();
+        holder.signal(Signal::SIGKILL);
+        holder.wait_signaled(Signal::SIGKILL);
+        // What a crash leaves: both files, nobody holding or listening.
+        assert!(fs::symlink_metadata(&p.sock)
+            .unwrap()
+            .file_type()
+            .is_socket());
+        assert_eq!(read_pid_file(&p.pid).unwrap(), Some(dead));
+        assert_eq!(running_pid(&p.pid).unwrap(), None);
+        assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Stale);
+
+        holder = role("hold", &p).spawn();
+        assert_eq!(parse_ready(&holder), (true, true), "round {round}");
+        assert_eq!(read_pid_file(&p.pid).unwrap(), Some(holder.pid()));
+        assert_eq!(running_pid(&p.pid).unwrap(), Some(holder.pid()));
+        assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
+    }
+    holder.close_stdin();
+    holder.wait_success();
+    assert_gone(&p);
+    assert!(dir_names(p.dir.path()).is_empty());
+}
+
+/// P2 "at any point": a child acquires and drops in a loop and is SIGKILLed
+/// after a random delay, 50 times; each time a fresh acquire succeeds, and
+/// nothing but the two paths and leftover PID temp files is found.
+#[test]
+fn p2_sigkill_at_random_points_never_blocks_the_next_start() {
+    const ITERATIONS: usize = 50;
+    let seed = Rng::clock_seed();
+    let mut rng = Rng::new(seed);
+    let p = paths();
+    let started = Instant::now();
+    let mut left_behind: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut temp_files = 0;
+    for i in 0..ITERATIONS {
+        let mut victim = role("acquire-loop", &p).spawn();
+        assert_eq!(victim.expect_line(), "LOOPING");
+        std::thread::sleep(Duration::from_micros(rng.below(4000)));
+        victim.signal(Signal::SIGKILL);
+        victim.wait_signaled(Signal::SIGKILL);
+
+        let names = dir_names(p.dir.path());
+        let unexpected: Vec<&String> = names
+            .iter()
+            .filter(|n| *n != "daemon.sock" && *n != "daemon.pid" && !is_pid_temp_file(n))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "iteration {i} (seed {seed}): stray files {unexpected:?}"
+        );
+        let (sock_left, pid_left) = (p.sock.exists(), p.pid.exists());
+        let state = match (sock_left, pid_left) {
+            (true, true) => "socket+pid",
+            (false, true) => "pid only",
+            (true, false) => "socket only",
+            (false, false) => "nothing",
+        };
+        *left_behind.entry(state).or_default() += 1;
+
+        let g = DaemonGuard::builder(&p.sock, &p.pid)
+            .signals(SignalMode::Off)
+            .acquire()
+            .unwrap_or_else(|e| {
+                panic!("iteration {i} (seed {seed}), after a kill leaving {state}: {e:?}")
+            });
+        assert_eq!(g.reclaimed_stale_socket(), sock_left, "iteration {i}");
+        assert_eq!(g.reclaimed_stale_pid_file(), pid_left, "iteration {i}");
+        assert_eq!(read_pid_file(&p.pid).unwrap(), Some(std::process::id()));
+        drop(g);
+        assert_gone(&p);
+        temp_files = dir_names(p.dir.path()).len();
+    }
+    eprintln!(
+        "P2: {ITERATIONS} random SIGKILLs in {:.2?} (seed {seed}); left behind: {left_behind:?}; \
+         PID temp files leaked (never reclaimed): {temp_files}",
+        started.elapsed()
+    );
+}
+
+/// P2: a PID file that is empty, garbage, oversized, names an unrelated live
+/// process (PID 1, a running `sleep`, this test process) or the acquirer's
+/// own PID blocks no start: the acquire succeeds and replaces it.
+#[test]
+fn p2_pid_file_content_never_blocks_a_start() {
+    let mut sleep = Command::new("sleep")
+        .arg("30")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn sleep");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("garbage", b"garbage\n".to_vec()),
+        ("binary", b"\0\xff\x01".to_vec()),
+        ("oversized", vec![b'7'; 200]),
+        ("zero", b"0\n".to_vec()),
+        ("negative", b"-1\n".to_vec()),
+        ("PID 1", b"1\n".to_vec()),
+        ("a live sleep", format!("{}\n", sleep.id()).into_bytes()),
+        (
+            "this test process",
+            format!("{}\n", std::process::id()).into_bytes(),
+        ),
+    ];
+    let mut outcome = Vec::new();
+    for (what, content) in &cases {
+        let p = paths();
+        fs::write(&p.pid, content).unwrap();
+        let mut child = role("hold", &p).spawn();
+        outcome.push((what, parse_ready(&child)));
+        assert_eq!(read_pid_file(&p.pid).unwrap(), Some(child.pid()), "{what}");
+        assert_eq!(running_pid(&p.pid).unwrap(), Some(child.pid()), "{what}");
+        child.close_stdin();
+        child.wait_success();
+        assert_gone(&p);
+    }
+    // The acquirer's own PID, written there before it starts.
+    let p = paths();
+    let mut child = role("hold-own-pid", &p).spawn();
+    outcome.push((&"own PID", parse_ready(&child)));
+    assert_eq!(running_pid(&p.pid).unwrap(), Some(child.pid()));
+    child.close_stdin();
+    child.wait_success();
+    assert_gone(&p);
+
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    for (what, reclaimed) in outcome {
+        assert_eq!(
+            reclaimed,
+            (false, true),
+            "{what}: (socket, PID file) reclaimed"
+        );
+    }
+}
+
+/// P2: a stale socket with no PID file (the PID file removed by hand, say)
+/// is reclaimed too.
+#[test]
+fn p2_stale_socket_without_pid_file_is_reclaimed() {
+    let p = paths();
+    let mut holder = role("hold", &p).spawn();
+    parse_ready(&holder);
+    holder.signal(Signal::SIGKILL);
+    holder.wait_signaled(Signal::SIGKILL);
+    fs::remove_file(&p.pid).unwrap();
+    let mut next = role("hold", &p).spawn();
+    assert_eq!(parse_ready(&next), (true, false));
+    next.close_stdin();
+    next.wait_success();
+    assert_gone(&p);
+}
