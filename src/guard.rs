@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -9,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use nix::sys::socket::{bind, listen, Backlog, UnixAddr};
 use nix::sys::stat::{fchmod, Mode};
 
-use crate::error::{errno_at, LifecycleError, Result};
+use crate::error::{errno_at, io_at, LifecycleError, Result};
 use crate::paths::{check_socket_path, ensure_dir, parent_dir};
 use crate::pidfile::claim;
-use crate::probe::{dev_ino, probe, remove_if_same, SocketState};
+use crate::probe::{probe, remove_if_same, SocketState};
 use crate::signals::{register, Registration, Shutdown, SignalMode};
 
 /// Default mode of the bound socket: owner only, for a per-user daemon.
@@ -277,10 +278,14 @@ impl DaemonGuardBuilder {
                 ),
             });
         }
-        ensure_dir(parent_dir(&pid_path))?;
-        ensure_dir(parent_dir(&socket_path))?;
+        let (pid_dir, socket_dir) = (parent_dir(&pid_path), parent_dir(&socket_path));
+        ensure_dir(pid_dir)?;
+        if socket_dir != pid_dir {
+            ensure_dir(socket_dir)?;
+        }
 
-        let claim = claim(&pid_path)?;
+        let pid = std::process::id();
+        let claim = claim(&pid_path, pid)?;
         // Until the guard exists, undo what we placed if a later step fails.
         let undo_pid = scopeguard::guard((), |()| {
             let _ = remove_if_same(&pid_path, claim.dev_ino, "remove PID file");
@@ -300,30 +305,27 @@ impl DaemonGuardBuilder {
                 None => false,
             },
         };
-        let listener = bind_socket(&socket_path, self.socket_mode, self.backlog)?;
-        let socket_id = dev_ino(&socket_path);
+        let (listener, socket_id) = bind_socket(&socket_path, self.socket_mode, self.backlog)?;
         let undo_socket = scopeguard::guard((), |()| {
-            if let Some(id) = socket_id {
-                let _ = remove_if_same(&socket_path, id, "remove socket");
-            }
+            let _ = remove_if_same(&socket_path, socket_id, "remove socket");
         });
 
         let files = Arc::new(OwnedFiles {
             socket_path: socket_path.clone(),
-            socket_id,
+            socket_id: Some(socket_id),
             pid_path: pid_path.clone(),
             pid_id: claim.dev_ino,
-            owner: std::process::id(),
+            owner: pid,
             done: Mutex::new(false),
         });
         let shutdown = Shutdown::default();
-        let registration = register(self.signals, Arc::clone(&files), shutdown.clone())?;
+        let registration = register(self.signals, Arc::clone(&files), shutdown.clone(), pid)?;
 
         scopeguard::ScopeGuard::into_inner(undo_socket);
         scopeguard::ScopeGuard::into_inner(undo_pid);
         Ok(DaemonGuard {
             files,
-            pid: std::process::id(),
+            pid,
             listener: Some(listener),
             lock: Some(claim.file),
             registration,
@@ -335,12 +337,12 @@ impl DaemonGuardBuilder {
 }
 
 /// Creates, binds and listens on a close-on-exec Unix stream socket with
-/// the given mode.
-fn bind_socket(path: &Path, mode: u32, backlog: i32) -> Result<UnixListener> {
+/// the given mode; returns it with the socket file's device and inode.
+fn bind_socket(path: &Path, mode: u32, backlog: i32) -> Result<(UnixListener, (u64, u64))> {
     let addr = UnixAddr::new(path).map_err(|e| errno_at("address socket", path, e))?;
     let fd = crate::sys::stream_socket(false).map_err(|e| errno_at("create socket", path, e))?;
     // On Linux bind(2) gives the new file the socket inode's mode less the
-    // umask, so setting it first leaves no moment with a wider mode. The chmod
+    // umask, so setting it first leaves no moment with a wider mode. A chmod
     // after bind makes the mode exact where the umask took bits away, and is
     // the only way on other platforms.
     let mode_t = Mode::from_bits_truncate(mode as nix::libc::mode_t);
@@ -351,17 +353,20 @@ fn bind_socket(path: &Path, mode: u32, backlog: i32) -> Result<UnixListener> {
     let undo = scopeguard::guard((), |()| {
         let _ = std::fs::remove_file(path);
     });
-    nix::sys::stat::fchmodat(
-        nix::fcntl::AT_FDCWD,
-        path,
-        mode_t,
-        nix::sys::stat::FchmodatFlags::NoFollowSymlink,
-    )
-    .map_err(|e| errno_at("set mode of socket", path, e))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| io_at("examine socket", path, e))?;
+    if meta.mode() & 0o777 != mode {
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            mode_t,
+            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| errno_at("set mode of socket", path, e))?;
+    }
     let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
     listen(&fd, backlog).map_err(|e| errno_at("listen on socket", path, e))?;
     scopeguard::ScopeGuard::into_inner(undo);
-    Ok(UnixListener::from(fd))
+    Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))
 }
 
 /// The files a guard created and must remove, shared with the signal

@@ -36,6 +36,11 @@ pub const DEFAULT_PID_NAME: &str = "daemon.pid";
 /// # Ok::<(), historia_lifecycle::LifecycleError>(())
 /// ```
 pub fn ensure_dir(path: &Path) -> Result<()> {
+    // Fast path: the directory almost always exists already (one stat
+    // instead of a failing mkdir per component plus a stat).
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
     match DirBuilder::new().recursive(true).mode(0o700).create(path) {
         Ok(()) => Ok(()),
         Err(e) => {

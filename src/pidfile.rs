@@ -60,10 +60,14 @@ pub fn write_pid_file(pid_path: &Path) -> Result<u32> {
             ));
         }
     }
-    let tmp = pid_temp_file(pid_path)?;
+    let pid = std::process::id();
+    let tmp = temp_file_beside(pid_path, pid)?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(PID_FILE_MODE))
+        .map_err(|e| io_at("set mode of new PID file", pid_path, e))?;
     tmp.persist(pid_path)
         .map_err(|e| io_at("rename temp file over PID file", pid_path, e.error))?;
-    Ok(std::process::id())
+    Ok(pid)
 }
 
 /// Reads the PID in `pid_path`.
@@ -174,70 +178,123 @@ pub(crate) struct Claim {
     pub(crate) reclaimed: bool,
 }
 
-/// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but with
-/// an atomic write.
+/// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but
+/// never showing a torn or empty file.
 ///
-/// 1. A temp file beside `pid_path` gets `"<pid>\n"`, mode 0644 and an
-///    exclusive flock, so the file is locked and complete before anyone can
-///    see it under the real name.
-/// 2. It is linked in with rename-no-replace. If that works, nobody else had
-///    the path: the claim is ours.
+/// 1. A fresh file gets `"<pid>\n"`, mode 0644 and an exclusive flock before
+///    it has a name (Linux `O_TMPFILE`; elsewhere a named temp file beside
+///    the PID file).
+/// 2. It is linked in with no-replace semantics. If that works, nobody else
+///    had the path: the claim is ours.
 /// 3. Otherwise the existing file is opened read-only (`O_NOFOLLOW`) and
 ///    `flock(LOCK_EX|LOCK_NB)`ed. `EWOULDBLOCK` means a live holder:
 ///    [`LifecycleError::AlreadyRunning`], and nothing of theirs was touched.
-/// 4. Got the lock: the holder is dead. If the path still names the inode we
-///    locked, our locked temp file is renamed over it; if not (someone
-///    replaced or removed it meanwhile), go round again.
+/// 4. Got the lock: its holder is dead. While still holding that lock, and
+///    only if the path still names the inode we locked, the stale file is
+///    unlinked; then back to step 2.
 ///
-/// At every instant the path names a locked file or no file, so two racers
-/// cannot both win.
-pub(crate) fn claim(pid_path: &Path) -> Result<Claim> {
-    let mut tmp = pid_temp_file(pid_path)?;
-    // Our own fresh file: only someone guessing its random name could hold it.
-    tmp.as_file()
+/// Every file that can be at the path is locked by a live process or
+/// provably stale, and only a no-replace link puts a file there, so two
+/// racers cannot both win.
+pub(crate) fn claim(pid_path: &Path, pid: u32) -> Result<Claim> {
+    // Fast refusal: when a live holder is there (the common way to lose),
+    // say so before creating anything. A stale file found here is cleared
+    // under its lock, as in step 4.
+    let mut reclaimed = false;
+    if let Some((stale, id)) = lock_existing(pid_path)? {
+        reclaimed = remove_if_same(pid_path, id, "remove stale PID file")?;
+        drop(stale);
+    }
+
+    let mut fresh = Fresh::new(pid_path, pid)?;
+    // Our own new file: nobody else can have locked it.
+    fresh
+        .file()
         .try_lock()
-        .map_err(|e| io_at("lock temp PID file", tmp.path(), io::Error::from(e)))?;
-    let meta = tmp
-        .as_file()
+        .map_err(|e| io_at("lock new PID file", pid_path, io::Error::from(e)))?;
+    let meta = fresh
+        .file()
         .metadata()
-        .map_err(|e| io_at("examine temp PID file", tmp.path(), e))?;
+        .map_err(|e| io_at("examine new PID file", pid_path, e))?;
+    // Exact mode, whatever the umask did to the creation mode: tools must be
+    // able to read the PID, and nobody else may write it.
+    if meta.permissions().mode() & 0o7777 != PID_FILE_MODE {
+        fresh
+            .file()
+            .set_permissions(std::fs::Permissions::from_mode(PID_FILE_MODE))
+            .map_err(|e| io_at("set mode of new PID file", pid_path, e))?;
+    }
     let ours = (meta.dev(), meta.ino());
 
-    // Each round ends in a win, a loss, an error, or someone else changing the
-    // path under us; a handful of rounds is plenty unless something is
-    // deliberately churning the file.
+    // Each round ends in a win, a loss, an error, or the stale file being
+    // cleared for the next round; a handful of rounds is plenty unless
+    // something is deliberately churning the path.
     for _ in 0..64 {
-        match tmp.persist_noclobber(pid_path) {
+        match fresh.place(pid_path) {
             Ok(file) => {
                 return Ok(Claim {
                     file,
                     dev_ino: ours,
-                    reclaimed: false,
+                    reclaimed,
                 })
             }
-            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => tmp = e.file,
-            Err(e) => return Err(io_at("create PID file", pid_path, e.error)),
+            Err((back, e)) if e.kind() == io::ErrorKind::AlreadyExists => fresh = back,
+            Err((_, e)) => return Err(io_at("create PID file", pid_path, e)),
         }
-        let Some(existing) = lock_existing(pid_path)? else {
-            continue; // removed or replaced since our attempt: go round
-        };
-        // A stale claim: its holder died. Ours replaces it in one rename while
-        // we still hold its lock, so no racer can slip in between.
-        let file = tmp
-            .persist(pid_path)
-            .map_err(|e| io_at("rename temp file over PID file", pid_path, e.error))?;
-        drop(existing.0);
-        return Ok(Claim {
-            file,
-            dev_ino: ours,
-            reclaimed: true,
-        });
+        if let Some((stale, id)) = lock_existing(pid_path)? {
+            reclaimed |= remove_if_same(pid_path, id, "remove stale PID file")?;
+            drop(stale);
+        }
     }
     Err(io_at(
         "claim PID file",
         pid_path,
-        io::Error::other("the file was replaced 64 times during the claim"),
+        io::Error::other("the path changed 64 times during the claim"),
     ))
+}
+
+/// A complete PID file for this process that is not yet at its path.
+enum Fresh {
+    /// Linux `O_TMPFILE`: no name at all until placed, so a crash leaves
+    /// nothing behind.
+    Unnamed(File),
+    /// Elsewhere: a temp file beside the PID file, removed on drop.
+    Named(NamedTempFile),
+}
+
+impl Fresh {
+    fn new(pid_path: &Path, pid: u32) -> Result<Fresh> {
+        let dir = parent_dir(pid_path);
+        match crate::sys::unnamed_file_in(dir) {
+            Ok(Some(mut file)) => {
+                write_pid(&mut file, pid_path, pid)?;
+                Ok(Fresh::Unnamed(file))
+            }
+            Ok(None) => temp_file_beside(pid_path, pid).map(Fresh::Named),
+            Err(e) => Err(io_at("create PID file", pid_path, e)),
+        }
+    }
+
+    fn file(&self) -> &File {
+        match self {
+            Fresh::Unnamed(f) => f,
+            Fresh::Named(t) => t.as_file(),
+        }
+    }
+
+    /// Links the file in at `path` unless something is already there
+    /// (`AlreadyExists`, and the file comes back for another try).
+    fn place(self, path: &Path) -> std::result::Result<File, (Fresh, io::Error)> {
+        match self {
+            Fresh::Unnamed(f) => match crate::sys::link_unnamed(&f, path) {
+                Ok(()) => Ok(f),
+                Err(e) => Err((Fresh::Unnamed(f), e)),
+            },
+            Fresh::Named(t) => t
+                .persist_noclobber(path)
+                .map_err(|e| (Fresh::Named(e.file), e.error)),
+        }
+    }
 }
 
 /// Opens the file at `pid_path` and takes its exclusive flock without
@@ -267,9 +324,9 @@ pub(crate) fn lock_existing(pid_path: &Path) -> Result<Option<(File, (u64, u64))
     Ok(Some((file, id)))
 }
 
-/// A temp file beside `pid_path` holding `"<pid>\n"`, mode 0644. Removed on
+/// A temp file (mode 0600) beside `pid_path` holding `"<pid>\n"`. Removed on
 /// drop unless persisted.
-fn pid_temp_file(pid_path: &Path) -> Result<NamedTempFile> {
+fn temp_file_beside(pid_path: &Path, pid: u32) -> Result<NamedTempFile> {
     let dir = parent_dir(pid_path);
     let name = pid_path
         .file_name()
@@ -285,13 +342,14 @@ fn pid_temp_file(pid_path: &Path) -> Result<NamedTempFile> {
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| io_at("create temp file for PID file", pid_path, e))?;
-    // Set the exact mode: tempfile creates 0600, and a umask must not decide
-    // whether tools can read the PID.
-    let f = tmp.as_file_mut();
-    f.set_permissions(std::fs::Permissions::from_mode(PID_FILE_MODE))
-        .and_then(|()| writeln!(f, "{}", std::process::id()))
-        .map_err(|e| io_at("write temp file for PID file", pid_path, e))?;
+    write_pid(tmp.as_file_mut(), pid_path, pid)?;
     Ok(tmp)
+}
+
+/// Writes `"<pid>\n"` with one `write(2)`.
+fn write_pid(f: &mut File, pid_path: &Path, pid: u32) -> Result<()> {
+    f.write_all(format!("{pid}\n").as_bytes())
+        .map_err(|e| io_at("write new PID file", pid_path, e))
 }
 
 /// Opens a PID file for reading without following a symlink or blocking on a

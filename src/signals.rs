@@ -1,5 +1,5 @@
 //! SIGTERM/SIGINT handling for guards: one process-wide self-pipe, one helper
-//! thread, and a registry of the live guards.
+//! thread (`historia-signal`), and a registry of the live guards.
 //!
 //! The raw handler (installed once through signal-hook, never removed) only
 //! checks `getpid(2)` and writes one byte to a pipe: no allocation, no lock.
@@ -24,7 +24,7 @@ use crate::guard::OwnedFiles;
 /// Whatever the mode, the handling is installed at most once per process and
 /// shared by all guards: acquiring and dropping guards in a loop adds no
 /// handlers and no threads. A process holds at most one helper thread,
-/// `historia-signals`.
+/// `historia-signal`.
 ///
 /// # Coexisting with your own handlers
 /// The crate registers its action through signal-hook, which chains every
@@ -218,11 +218,12 @@ pub(crate) fn register(
     mode: SignalMode,
     files: Arc<OwnedFiles>,
     shutdown: Shutdown,
+    pid: u32,
 ) -> Result<Option<Registration>> {
     if mode == SignalMode::Off {
         return Ok(None);
     }
-    let pid = nix::unistd::getpid().as_raw();
+    let pid = pid as i32;
     let mut reg = lock(&REGISTRY);
     if reg.installed_for != pid {
         install(&mut reg, pid).map_err(LifecycleError::Signals)?;
@@ -255,7 +256,8 @@ fn install(reg: &mut Registry, pid: i32) -> io::Result<()> {
     let (read, write) = crate::sys::signal_pipe().map_err(io::Error::from)?;
     let read_raw = read.as_raw_fd();
     std::thread::Builder::new()
-        .name("historia-signals".into())
+        // 15 bytes: Linux truncates thread names (comm) longer than that.
+        .name("historia-signal".into())
         .spawn(move || helper(File::from(read)))?;
     reg.pipe_read = read_raw;
     PIPE_WRITE.store(write.into_raw_fd(), Ordering::Release);

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
@@ -75,6 +76,69 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
 fn set_cloexec(fd: &OwnedFd) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map(drop)
+}
+
+/// An unnamed regular file in `dir` (Linux `O_TMPFILE`), so a PID file can be
+/// written and locked before it has a name: a process killed before
+/// [`link_unnamed`] leaves nothing behind. `Ok(None)` where the kernel, the
+/// filesystem or a missing `/proc` rules it out; the caller then falls back
+/// to a named temp file.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn unnamed_file_in(dir: &Path) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::OnceLock;
+    // `link_unnamed` names the file through /proc/self/fd.
+    static PROC_FD: OnceLock<bool> = OnceLock::new();
+    if !*PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+        return Ok(None);
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o644)
+        .custom_flags(nix::libc::O_TMPFILE)
+        .open(dir)
+    {
+        Ok(f) => Ok(Some(f)),
+        // Old kernels answer EISDIR, filesystems without support EOPNOTSUPP.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(nix::libc::EOPNOTSUPP | nix::libc::EISDIR | nix::libc::EINVAL)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Other platforms have no `O_TMPFILE`.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn unnamed_file_in(_dir: &Path) -> std::io::Result<Option<File>> {
+    Ok(None)
+}
+
+/// Gives the unnamed `file` the name `path`, failing with `AlreadyExists` if
+/// the name is taken: `linkat(2)` of `/proc/self/fd/N` with
+/// `AT_SYMLINK_FOLLOW` (which, unlike `AT_EMPTY_PATH`, needs no capability).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn link_unnamed(file: &File, path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    nix::unistd::linkat(
+        nix::fcntl::AT_FDCWD,
+        proc_path.as_str(),
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+    )
+    .map_err(std::io::Error::from)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn link_unnamed(_file: &File, _path: &Path) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 /// Why [`signal_if`] failed: the caller's check, or the OS.
