@@ -181,6 +181,8 @@ pub(crate) struct Claim {
 /// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but
 /// never showing a torn or empty file.
 ///
+/// 0. If a file is already at the path, try its lock first (step 3): a
+///    loser learns it lost before creating anything.
 /// 1. A fresh file gets `"<pid>\n"`, mode 0644 and an exclusive flock before
 ///    it has a name (Linux `O_TMPFILE`; elsewhere a named temp file beside
 ///    the PID file).
