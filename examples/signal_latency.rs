@@ -1,0 +1,391 @@
+//! Signal latency: the time from sending SIGTERM to a process holding a
+//! `DaemonGuard` (default `SignalMode::Exit`) to both of its files being
+//! gone. Linux only (inotify, /proc).
+//!
+//! ```text
+//! cargo run --release --example signal_latency                # 300 runs per method in $TMPDIR
+//! cargo run --release --example signal_latency -- --runs 1000 --dir /dev/shm
+//! ```
+//!
+//! Each run spawns this program in the `holder` role in a fresh temp dir: it
+//! acquires the guard, prints `ready` and parks. The parent checks both files
+//! exist, takes `Instant::now()`, sends SIGTERM, and waits for both files to
+//! be gone, by one of two methods (runs alternate, so both see the same load):
+//!
+//! - **inotify**: the parent blocks in `poll(2)` on an inotify watch of the
+//!   directory (`IN_DELETE`) and stops the clock when it has seen both names
+//!   deleted. It uses no CPU while waiting. Resolution: the parent's wake-up
+//!   latency after the `unlink(2)`, calibrated here by unlinking a file from
+//!   a second thread of the parent and timing the wake-up (printed).
+//! - **poll**: the parent polls `lstat(2)` in a tight loop (PID file first:
+//!   it is removed last). Resolution: one poll iteration (printed). On a
+//!   machine with few cores the spinning parent takes a core from the holder,
+//!   which can delay the cleanup it measures; compare with inotify.
+//!
+//! The time until the child can be reaped (its exit, after the cleanup and
+//! the re-raised SIGTERM) is also reported, and the child must have died of
+//! SIGTERM. A watchdog fails a run after 5 s.
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use historia_lifecycle::DaemonGuard;
+use nix::libc;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const DEFAULT_RUNS: usize = 300;
+const DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Inotify,
+    Poll,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("holder") {
+        return holder(Path::new(&args[1]), Path::new(&args[2]));
+    }
+    let mut runs = DEFAULT_RUNS;
+    let mut dir: Option<PathBuf> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--runs", Some(v)) => runs = v.parse().unwrap_or_else(|_| usage()),
+            ("--dir", Some(v)) => dir = Some(PathBuf::from(v)),
+            _ => usage(),
+        }
+    }
+    std::process::exit(run(runs, &dir.unwrap_or_else(std::env::temp_dir)));
+}
+
+fn usage() -> ! {
+    eprintln!("usage: signal_latency [--runs N] [--dir DIR]   (N runs per method)");
+    std::process::exit(64);
+}
+
+fn holder(sock: &Path, pid: &Path) {
+    let guard = DaemonGuard::acquire(sock, pid).expect("acquire");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")
+        .and_then(|()| out.flush())
+        .expect("ready");
+    let _held = guard;
+    // SIGTERM ends us through the guard's SignalMode::Exit.
+    loop {
+        std::thread::park();
+    }
+}
+
+struct Sample {
+    method: Method,
+    files_gone: Duration,
+    reaped: Duration,
+    /// Poll iterations (Method::Poll), for the resolution.
+    polls: u64,
+}
+
+fn run(runs: usize, base: &Path) -> i32 {
+    let exe = std::env::current_exe().expect("current_exe");
+    println!(
+        "signal_latency: {runs} runs per method in {}, SIGTERM to a holder with \
+         SignalMode::Exit",
+        base.display()
+    );
+    let started = Instant::now();
+    let mut samples = Vec::with_capacity(2 * runs);
+    let mut failures = 0;
+    for i in 0..2 * runs {
+        let method = if i % 2 == 0 {
+            Method::Inotify
+        } else {
+            Method::Poll
+        };
+        match one(&exe, base, method) {
+            Ok(s) => samples.push(s),
+            Err(e) => {
+                failures += 1;
+                eprintln!("!!!!!!!! run {i} FAILED: {e} !!!!!!!!");
+            }
+        }
+    }
+    let wakeup = calibrate_inotify(base, runs.min(300));
+    let per_poll: Vec<u64> = sorted(
+        samples
+            .iter()
+            .filter(|s| s.method == Method::Poll && s.polls > 0)
+            .map(|s| s.files_gone.as_nanos() as u64 / s.polls),
+    );
+
+    println!();
+    println!("| measure | method | runs | p50 | p99 | max | resolution |");
+    println!("|---|---|---|---|---|---|---|");
+    for (method, name, resolution) in [
+        (
+            Method::Inotify,
+            "inotify (parent blocked)",
+            format!(
+                "wake-up p50 {} / p99 {}",
+                us(pct(&wakeup, 50.0)),
+                us(pct(&wakeup, 99.0))
+            ),
+        ),
+        (
+            Method::Poll,
+            "tight lstat poll",
+            format!("one poll: {}", us(pct(&per_poll, 50.0))),
+        ),
+    ] {
+        let of = |f: fn(&Sample) -> Duration| {
+            sorted(
+                samples
+                    .iter()
+                    .filter(|s| s.method == method)
+                    .map(|s| f(s).as_nanos() as u64),
+            )
+        };
+        for (what, v, res) in [
+            (
+                "SIGTERM → socket and PID file gone",
+                of(|s| s.files_gone),
+                resolution.as_str(),
+            ),
+            ("SIGTERM → child reaped (context)", of(|s| s.reaped), ""),
+        ] {
+            println!(
+                "| {what} | {name} | {} | {} | {} | {} | {res} |",
+                v.len(),
+                us(pct(&v, 50.0)),
+                us(pct(&v, 99.0)),
+                us(v.last().copied())
+            );
+        }
+    }
+    println!(
+        "\ntotal: {} runs, {failures} failures, {:.1} s",
+        2 * runs,
+        started.elapsed().as_secs_f64()
+    );
+    i32::from(failures > 0)
+}
+
+fn exists(p: &Path) -> bool {
+    // lstat: ENOENT is the only "gone".
+    std::fs::symlink_metadata(p).is_ok()
+}
+
+fn one(exe: &Path, base: &Path, method: Method) -> Result<Sample, String> {
+    let dir = tempfile::tempdir_in(base).map_err(|e| format!("tempdir: {e}"))?;
+    let sock = dir.path().join("daemon.sock");
+    let pid = dir.path().join("daemon.pid");
+    let mut child = Command::new(exe)
+        .arg("holder")
+        .arg(&sock)
+        .arg(&pid)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    // Watchdog: a holder that hangs before `ready` would block the read in
+    // `measure`; kill it so the read sees EOF and the run fails.
+    let (done, wait_done) = std::sync::mpsc::channel::<()>();
+    let child_pid = child.id() as i32;
+    let watchdog = std::thread::spawn(move || {
+        if wait_done.recv_timeout(2 * DEADLINE).is_err() {
+            let _ = kill(Pid::from_raw(child_pid), Signal::SIGKILL);
+        }
+    });
+    let result = measure(&mut child, dir.path(), &sock, &pid, method);
+    let _ = done.send(());
+    let _ = watchdog.join();
+    if result.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
+
+fn measure(
+    child: &mut Child,
+    dir: &Path,
+    sock: &Path,
+    pid: &Path,
+    method: Method,
+) -> Result<Sample, String> {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    if line.trim() != "ready" {
+        return Err(format!("holder said {line:?}"));
+    }
+    if !exists(sock) || !exists(pid) {
+        return Err("the holder's files are missing before the signal".into());
+    }
+    let watch = match method {
+        Method::Inotify => Some(Inotify::watch(dir)?),
+        Method::Poll => None,
+    };
+    let t = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).map_err(|e| format!("kill: {e}"))?;
+    let mut polls = 0u64;
+    match &watch {
+        Some(w) => w.wait_deleted(&[sock, pid], t + DEADLINE)?,
+        None => {
+            // The PID file is removed last, so it is polled first.
+            while exists(pid) || exists(sock) {
+                polls += 1;
+                if polls.is_multiple_of(4096) && t.elapsed() > DEADLINE {
+                    return Err(format!("files still present {DEADLINE:?} after SIGTERM"));
+                }
+            }
+        }
+    }
+    let files_gone = t.elapsed();
+    if exists(pid) || exists(sock) {
+        return Err("a file reappeared after its deletion".into());
+    }
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| format!("wait: {e}"))? {
+            break s;
+        }
+        if t.elapsed() > DEADLINE {
+            return Err(format!("holder alive {DEADLINE:?} after SIGTERM"));
+        }
+        std::thread::yield_now();
+    };
+    let reaped = t.elapsed();
+    if status.signal() != Some(libc::SIGTERM) {
+        return Err(format!("holder ended with {status}, not killed by SIGTERM"));
+    }
+    Ok(Sample {
+        method,
+        files_gone,
+        reaped,
+        polls,
+    })
+}
+
+/// An inotify watch for deletions in one directory.
+struct Inotify {
+    fd: OwnedFd,
+}
+
+impl Inotify {
+    fn watch(dir: &Path) -> Result<Self, String> {
+        // SAFETY: inotify_init1 takes flags and returns a new descriptor.
+        let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        if raw < 0 {
+            return Err(format!(
+                "inotify_init1: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let c = CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: a valid descriptor and NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_DELETE) } < 0 {
+            return Err(format!(
+                "inotify_add_watch: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Inotify { fd })
+    }
+
+    /// Blocks until every name in `paths` has had an `IN_DELETE` event.
+    fn wait_deleted(&self, paths: &[&Path], deadline: Instant) -> Result<(), String> {
+        let mut pending: Vec<Vec<u8>> = paths
+            .iter()
+            .map(|p| p.file_name().expect("file name").as_bytes().to_vec())
+            .collect();
+        let mut buf = [0u8; 4096];
+        while !pending.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("files still present {DEADLINE:?} after SIGTERM"));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+            if rc <= 0 {
+                continue; // timeout (checked above) or EINTR
+            }
+            // SAFETY: reading into our buffer from our descriptor.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                continue; // EAGAIN: spurious wake-up
+            }
+            let mut off = 0usize;
+            let header = std::mem::size_of::<libc::inotify_event>();
+            while off + header <= n as usize {
+                // SAFETY: the kernel wrote a whole event at `off`; read_unaligned
+                // copes with the byte buffer's alignment.
+                let ev: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
+                let name = &buf[off + header..off + header + ev.len as usize];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                pending.retain(|p| p.as_slice() != name);
+                off += header + ev.len as usize;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The inotify method's resolution: how long after an `unlink(2)` the
+/// blocked parent wakes. A second thread unlinks a file, noting the instant
+/// just before the call; the waiting thread notes when it wakes.
+fn calibrate_inotify(base: &Path, runs: usize) -> Vec<u64> {
+    let dir = tempfile::tempdir_in(base).expect("tempdir");
+    let path = dir.path().join("probe");
+    let mut out = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        std::fs::write(&path, b"x").expect("create");
+        let w = Inotify::watch(dir.path()).expect("watch");
+        let p = path.clone();
+        let unlinker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1));
+            let t = Instant::now();
+            std::fs::remove_file(&p).expect("unlink");
+            t
+        });
+        w.wait_deleted(&[&path], Instant::now() + DEADLINE)
+            .expect("wait");
+        let woke = Instant::now();
+        let before = unlinker.join().expect("unlinker");
+        out.push(woke.saturating_duration_since(before).as_nanos() as u64);
+    }
+    sorted(out.into_iter())
+}
+
+fn sorted(v: impl Iterator<Item = u64>) -> Vec<u64> {
+    let mut v: Vec<u64> = v.collect();
+    v.sort_unstable();
+    v
+}
+
+/// Nearest-rank percentile of sorted data.
+fn pct(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn us(ns: Option<u64>) -> String {
+    ns.map_or_else(|| "-".into(), |ns| format!("{:.1} µs", ns as f64 / 1000.0))
+}
