@@ -312,7 +312,7 @@ impl DaemonGuardBuilder {
 
         let files = Arc::new(OwnedFiles {
             socket_path: socket_path.clone(),
-            socket_id: Some(socket_id),
+            socket_id,
             pid_path: pid_path.clone(),
             pid_id: claim.dev_ino,
             owner: pid,
@@ -374,7 +374,7 @@ fn bind_socket(path: &Path, mode: u32, backlog: i32) -> Result<(UnixListener, (u
 #[derive(Debug)]
 pub(crate) struct OwnedFiles {
     pub(crate) socket_path: PathBuf,
-    pub(crate) socket_id: Option<(u64, u64)>,
+    pub(crate) socket_id: (u64, u64),
     pub(crate) pid_path: PathBuf,
     pub(crate) pid_id: (u64, u64),
     /// The acquiring process; a forked child never removes anything.
@@ -396,10 +396,7 @@ impl OwnedFiles {
         if std::mem::replace(&mut *done, true) {
             return Ok(());
         }
-        let socket = match self.socket_id {
-            Some(id) => remove_if_same(&self.socket_path, id, "remove socket").map(drop),
-            None => Ok(()),
-        };
+        let socket = remove_if_same(&self.socket_path, self.socket_id, "remove socket").map(drop);
         let pid = remove_if_same(&self.pid_path, self.pid_id, "remove PID file").map(drop);
         socket.and(pid)
     }
