@@ -10,24 +10,16 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    child_main, dev_ino, dir_names, env_required, report, wait_for_stdin_eof, ChildProc, ChildSpec,
-    Rng,
+    child_main, child_paths, dir_names, is_socket, parse_ready, paths, report, role_hold, Rng,
 };
 use historia_lifecycle::{
-    probe_socket, read_pid_file, running_pid, DaemonGuard, LifecycleError, SignalMode, SocketState,
+    probe_socket, read_pid_file, running_pid, DaemonGuard, LifecycleError, SocketState,
 };
 use nix::sys::signal::Signal;
-
-/// The dispatcher test children run (see `common`).
-const ENTRY: &str = "child_process_entry";
-const SOCK_ENV: &str = "HISTORIA_TEST_SOCK";
-const PID_ENV: &str = "HISTORIA_TEST_PID";
 
 // ---------------------------------------------------------------------------
 // Child roles
@@ -36,50 +28,27 @@ const PID_ENV: &str = "HISTORIA_TEST_PID";
 #[test]
 fn child_process_entry() {
     child_main(|role| match role {
-        "hold" => role_hold(false),
-        "hold-own-pid" => role_hold(true),
+        "hold" => role_hold(),
+        "hold-own-pid" => role_hold_own_pid(),
         "acquire-loop" => role_acquire_loop(),
         other => panic!("unknown child role {other:?}"),
     });
 }
 
-fn env_paths() -> (PathBuf, PathBuf) {
-    (
-        PathBuf::from(env_required(SOCK_ENV)),
-        PathBuf::from(env_required(PID_ENV)),
-    )
-}
-
-/// Acquires and holds until end of file on stdin. With `own_pid`, first
-/// writes this process's own PID into the PID file, unlocked, as a daemon
-/// restarted under the same PID after a crash would find it.
-fn role_hold(own_pid: bool) {
-    let (sock, pid) = env_paths();
-    if own_pid {
-        fs::write(&pid, format!("{}\n", std::process::id())).expect("write own PID");
-    }
-    let guard = match DaemonGuard::acquire(&sock, &pid) {
-        Ok(g) => g,
-        Err(e) => {
-            report(format!("ERROR {e:?}"));
-            return;
-        }
-    };
-    report(format!(
-        "READY {} {} {}",
-        guard.pid(),
-        guard.reclaimed_stale_socket(),
-        guard.reclaimed_stale_pid_file()
-    ));
-    wait_for_stdin_eof();
-    drop(guard);
+/// `hold` (see `common`), after writing this process's own PID into the PID
+/// file, unlocked, as a daemon restarted under the same PID after a crash
+/// would find it.
+fn role_hold_own_pid() {
+    let (_, pid) = child_paths();
+    fs::write(&pid, format!("{}\n", std::process::id())).expect("write own PID");
+    role_hold();
 }
 
 /// Acquires and drops in a tight loop until killed. Only `AlreadyRunning`
 /// (a momentary fd copy in a process being spawned elsewhere) is tolerated;
 /// anything else panics, which shows as exit status 101 instead of SIGKILL.
 fn role_acquire_loop() {
-    let (sock, pid) = env_paths();
+    let (sock, pid) = child_paths();
     report("LOOPING");
     loop {
         match DaemonGuard::acquire(&sock, &pid) {
@@ -94,38 +63,6 @@ fn role_acquire_loop() {
 // Parent side
 // ---------------------------------------------------------------------------
 
-struct Paths {
-    dir: tempfile::TempDir,
-    sock: PathBuf,
-    pid: PathBuf,
-}
-
-fn paths() -> Paths {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("daemon.sock");
-    let pid = dir.path().join("daemon.pid");
-    Paths { dir, sock, pid }
-}
-
-fn role(role: &str, p: &Paths) -> ChildSpec {
-    ChildSpec::new(ENTRY, role)
-        .env(SOCK_ENV, &p.sock)
-        .env(PID_ENV, &p.pid)
-}
-
-/// Parses "READY <pid> <reclaimed socket> <reclaimed PID file>".
-fn parse_ready(child: &ChildProc) -> (bool, bool) {
-    let rest = child.expect_prefixed("READY ");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    assert_eq!(f[0], child.pid().to_string(), "{rest}");
-    (f[1] == "true", f[2] == "true")
-}
-
-fn assert_gone(p: &Paths) {
-    assert!(dev_ino(&p.sock).is_none(), "socket left behind");
-    assert!(dev_ino(&p.pid).is_none(), "PID file left behind");
-}
-
 fn is_pid_temp_file(name: &str) -> bool {
     name.starts_with(".daemon.pid.") && name.ends_with(".tmp")
 }
@@ -135,30 +72,26 @@ fn is_pid_temp_file(name: &str) -> bool {
 #[test]
 fn p2_sigkilled_holder_is_reclaimed_by_the_next_acquire() {
     let p = paths();
-    let mut holder = role("hold", &p).spawn();
+    let mut holder = p.child("hold").spawn();
     assert_eq!(parse_ready(&holder), (false, false));
     for round in 0..3 {
         let dead = holder.pid();
         holder.signal(Signal::SIGKILL);
         holder.wait_signaled(Signal::SIGKILL);
         // What a crash leaves: both files, nobody holding or listening.
-        assert!(fs::symlink_metadata(&p.sock)
-            .unwrap()
-            .file_type()
-            .is_socket());
+        assert!(is_socket(&p.sock));
         assert_eq!(read_pid_file(&p.pid).unwrap(), Some(dead));
         assert_eq!(running_pid(&p.pid).unwrap(), None);
         assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Stale);
 
-        holder = role("hold", &p).spawn();
+        holder = p.child("hold").spawn();
         assert_eq!(parse_ready(&holder), (true, true), "round {round}");
         assert_eq!(read_pid_file(&p.pid).unwrap(), Some(holder.pid()));
         assert_eq!(running_pid(&p.pid).unwrap(), Some(holder.pid()));
         assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
     }
-    holder.close_stdin();
-    holder.wait_success();
-    assert_gone(&p);
+    holder.stop();
+    p.assert_gone();
     assert!(dir_names(p.dir.path()).is_empty());
 }
 
@@ -175,7 +108,7 @@ fn p2_sigkill_at_random_points_never_blocks_the_next_start() {
     let mut left_behind: BTreeMap<&str, usize> = BTreeMap::new();
     let mut temp_files = 0;
     for i in 0..ITERATIONS {
-        let mut victim = role("acquire-loop", &p).spawn();
+        let mut victim = p.child("acquire-loop").spawn();
         assert_eq!(victim.expect_line(), "LOOPING");
         std::thread::sleep(Duration::from_micros(rng.below(4000)));
         victim.signal(Signal::SIGKILL);
@@ -199,17 +132,14 @@ fn p2_sigkill_at_random_points_never_blocks_the_next_start() {
         };
         *left_behind.entry(state).or_default() += 1;
 
-        let g = DaemonGuard::builder(&p.sock, &p.pid)
-            .signals(SignalMode::Off)
-            .acquire()
-            .unwrap_or_else(|e| {
-                panic!("iteration {i} (seed {seed}), after a kill leaving {state}: {e:?}")
-            });
+        let g = p.acquire_here().unwrap_or_else(|e| {
+            panic!("iteration {i} (seed {seed}), after a kill leaving {state}: {e:?}")
+        });
         assert_eq!(g.reclaimed_stale_socket(), sock_left, "iteration {i}");
         assert_eq!(g.reclaimed_stale_pid_file(), pid_left, "iteration {i}");
         assert_eq!(read_pid_file(&p.pid).unwrap(), Some(std::process::id()));
         drop(g);
-        assert_gone(&p);
+        p.assert_gone();
         temp_files = dir_names(p.dir.path()).len();
     }
     eprintln!(
@@ -247,22 +177,20 @@ fn p2_pid_file_content_never_blocks_a_start() {
     for (what, content) in &cases {
         let p = paths();
         fs::write(&p.pid, content).unwrap();
-        let mut child = role("hold", &p).spawn();
+        let mut child = p.child("hold").spawn();
         outcome.push((what, parse_ready(&child)));
         assert_eq!(read_pid_file(&p.pid).unwrap(), Some(child.pid()), "{what}");
         assert_eq!(running_pid(&p.pid).unwrap(), Some(child.pid()), "{what}");
-        child.close_stdin();
-        child.wait_success();
-        assert_gone(&p);
+        child.stop();
+        p.assert_gone();
     }
     // The acquirer's own PID, written there before it starts.
     let p = paths();
-    let mut child = role("hold-own-pid", &p).spawn();
+    let mut child = p.child("hold-own-pid").spawn();
     outcome.push((&"own PID", parse_ready(&child)));
     assert_eq!(running_pid(&p.pid).unwrap(), Some(child.pid()));
-    child.close_stdin();
-    child.wait_success();
-    assert_gone(&p);
+    child.stop();
+    p.assert_gone();
 
     let _ = sleep.kill();
     let _ = sleep.wait();
@@ -280,14 +208,13 @@ fn p2_pid_file_content_never_blocks_a_start() {
 #[test]
 fn p2_stale_socket_without_pid_file_is_reclaimed() {
     let p = paths();
-    let mut holder = role("hold", &p).spawn();
+    let mut holder = p.child("hold").spawn();
     parse_ready(&holder);
     holder.signal(Signal::SIGKILL);
     holder.wait_signaled(Signal::SIGKILL);
     fs::remove_file(&p.pid).unwrap();
-    let mut next = role("hold", &p).spawn();
+    let mut next = p.child("hold").spawn();
     assert_eq!(parse_ready(&next), (true, false));
-    next.close_stdin();
-    next.wait_success();
-    assert_gone(&p);
+    next.stop();
+    p.assert_gone();
 }

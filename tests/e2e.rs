@@ -5,6 +5,8 @@
 //! a watchdog on every wait (the child is killed when it fires), and kills
 //! its daemons on failure through [`Daemon`]'s Drop.
 
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -15,6 +17,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{assert_absent, paths, private_tempdir, Paths};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -63,26 +66,6 @@ fn example(name: &str) -> PathBuf {
     path
 }
 
-/// A fresh tempdir with the socket and PID file paths a test passes on the
-/// command line.
-struct Paths {
-    /// Held so the directory lives as long as the test.
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    pid: PathBuf,
-}
-
-fn paths() -> Paths {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("daemon.sock");
-    let pid = dir.path().join("daemon.pid");
-    Paths {
-        _dir: dir,
-        socket,
-        pid,
-    }
-}
-
 /// A command for an example with the override variables cleared, so the
 /// developer's environment cannot redirect a test.
 fn command(name: &str) -> Command {
@@ -96,7 +79,7 @@ fn command(name: &str) -> Command {
 /// `daemon --socket … --pid …` for these paths.
 fn daemon_cmd(p: &Paths) -> Command {
     let mut cmd = command("daemon");
-    cmd.arg("--socket").arg(&p.socket).arg("--pid").arg(&p.pid);
+    cmd.arg("--socket").arg(&p.sock).arg("--pid").arg(&p.pid);
     cmd
 }
 
@@ -167,7 +150,7 @@ fn run(mut cmd: Command) -> Ran {
 fn ctl(p: &Paths, args: &[&str]) -> Ran {
     let mut cmd = command("ctl");
     cmd.arg("--socket")
-        .arg(&p.socket)
+        .arg(&p.sock)
         .arg("--pid")
         .arg(&p.pid)
         .args(args);
@@ -296,27 +279,13 @@ fn pid_in_file(path: &Path) -> u32 {
         .expect("PID file holds a number")
 }
 
-fn assert_gone(p: &Paths) {
-    assert_both_gone(&p.socket, &p.pid);
-}
-
-fn assert_both_gone(socket: &Path, pid: &Path) {
-    for path in [socket, pid] {
-        assert!(
-            std::fs::symlink_metadata(path).is_err(),
-            "{} is still there",
-            path.display()
-        );
-    }
-}
-
 #[test]
 fn ping_over_the_socket_and_via_ctl() {
     let p = paths();
     let d = Daemon::start(daemon_cmd(&p));
     let out = d.output();
     assert!(
-        out.contains(&format!("socket {}", p.socket.display())),
+        out.contains(&format!("socket {}", p.sock.display())),
         "{out}"
     );
     assert!(
@@ -328,11 +297,11 @@ fn ping_over_the_socket_and_via_ctl() {
         out.lines().any(|l| l == format!("pid {}", d.pid())),
         "{out}"
     );
-    assert_socket(&p.socket);
+    assert_socket(&p.sock);
     assert_eq!(pid_in_file(&p.pid), d.pid());
 
-    assert_eq!(send(&p.socket, "ping"), "pong");
-    let status = send(&p.socket, "status");
+    assert_eq!(send(&p.sock, "ping"), "pong");
+    let status = send(&p.sock, "status");
     assert!(
         status.starts_with(&format!("pid {} uptime ", d.pid())) && status.ends_with('s'),
         "{status}"
@@ -352,11 +321,11 @@ fn a_second_instance_is_refused_and_names_the_running_pid() {
     assert_eq!(second.code(), Some(3), "{second}");
     let all = format!("{}{}", second.stdout, second.stderr);
     assert!(all.contains(&format!("pid {}", first.pid())), "{second}");
-    assert!(all.contains(&p.socket.display().to_string()), "{second}");
+    assert!(all.contains(&p.sock.display().to_string()), "{second}");
 
     // The refusal touched nothing of the first instance.
     assert_eq!(pid_in_file(&p.pid), first.pid());
-    assert_eq!(send(&p.socket, "ping"), "pong");
+    assert_eq!(send(&p.sock, "ping"), "pong");
 }
 
 #[test]
@@ -366,14 +335,14 @@ fn restart_after_sigkill_reclaims_the_stale_files() {
     first.signal(Signal::SIGKILL);
     assert_eq!(first.wait_exit().signal(), Some(Signal::SIGKILL as i32));
     // SIGKILL runs no cleanup: both files are left behind.
-    assert_socket(&p.socket);
+    assert_socket(&p.sock);
     assert_eq!(pid_in_file(&p.pid), first.pid());
 
     let r = ctl(&p, &["status"]);
     assert_eq!(r.code(), Some(3), "{r}");
     assert!(
         r.stdout.starts_with("not running, stale files left (")
-            && r.stdout.contains(&p.socket.display().to_string())
+            && r.stdout.contains(&p.sock.display().to_string())
             && r.stdout.contains(&p.pid.display().to_string()),
         "{r}"
     );
@@ -385,7 +354,7 @@ fn restart_after_sigkill_reclaims_the_stale_files() {
         "{out}"
     );
     assert_eq!(pid_in_file(&p.pid), second.pid());
-    assert_eq!(send(&p.socket, "ping"), "pong");
+    assert_eq!(send(&p.sock, "ping"), "pong");
 }
 
 #[test]
@@ -409,7 +378,7 @@ fn sigterm_and_sigint_remove_both_files_and_exit_128_plus_n() {
         let out = d.output();
         assert!(out.contains(&format!("shutting down ({name})")), "{out}");
         assert!(out.lines().any(|l| l == "stopped"), "{out}");
-        assert_gone(&p);
+        p.assert_gone();
     }
 }
 
@@ -435,7 +404,7 @@ fn ctl_status_in_each_state_and_ctl_stop() {
     );
     assert_eq!(d.wait_exit().code(), Some(0), "{}", d.output());
     assert!(d.output().contains("shutting down (stop command)"));
-    assert_gone(&p);
+    p.assert_gone();
 
     let r = ctl(&p, &["status"]);
     assert_eq!((r.code(), r.stdout.trim()), (Some(3), "not running"), "{r}");
@@ -446,7 +415,7 @@ fn ctl_stop_falls_back_to_sigterm_for_the_lock_holder() {
     let p = paths();
     let mut d = Daemon::start(daemon_cmd(&p));
     // Make the socket unreachable while the daemon keeps running.
-    std::fs::remove_file(&p.socket).expect("remove socket");
+    std::fs::remove_file(&p.sock).expect("remove socket");
 
     let r = ctl(&p, &["stop"]);
     assert_eq!(r.code(), Some(0), "{r}");
@@ -456,7 +425,7 @@ fn ctl_stop_falls_back_to_sigterm_for_the_lock_holder() {
         "{r}"
     );
     assert_eq!(d.wait_exit().code(), Some(143), "{}", d.output());
-    assert_gone(&p);
+    p.assert_gone();
 }
 
 #[test]
@@ -505,7 +474,7 @@ fn start_stop_daemon_agrees_with_the_pid_file() {
         "{}",
         d.output()
     );
-    assert_gone(&p);
+    p.assert_gone();
 
     let r = run(ssd_cmd(&["--status"]));
     assert_eq!(
@@ -538,7 +507,7 @@ fn unknown_commands_and_long_lines_get_an_error_and_the_daemon_keeps_serving() {
     let p = paths();
     let _d = Daemon::start(daemon_cmd(&p));
 
-    let mut conn = UnixStream::connect(&p.socket).expect("connect");
+    let mut conn = UnixStream::connect(&p.sock).expect("connect");
     assert_eq!(
         request_on(&mut conn, "bogus"),
         r#"error: unknown command "bogus""#
@@ -546,14 +515,14 @@ fn unknown_commands_and_long_lines_get_an_error_and_the_daemon_keeps_serving() {
     // Same connection, still served.
     assert_eq!(request_on(&mut conn, "ping"), "pong");
 
-    let mut conn = UnixStream::connect(&p.socket).expect("connect");
+    let mut conn = UnixStream::connect(&p.sock).expect("connect");
     let long = "x".repeat(4096);
     assert_eq!(
         request_on(&mut conn, &long),
         "error: line longer than 1024 bytes"
     );
 
-    assert_eq!(send(&p.socket, "ping"), "pong");
+    assert_eq!(send(&p.sock, "ping"), "pong");
 }
 
 #[test]
@@ -562,11 +531,11 @@ fn an_idle_client_does_not_block_another() {
     let _d = Daemon::start(daemon_cmd(&p));
 
     // Connects and sends half a command, then goes quiet.
-    let mut idle = UnixStream::connect(&p.socket).expect("connect");
+    let mut idle = UnixStream::connect(&p.sock).expect("connect");
     idle.write_all(b"pi").expect("send");
 
-    assert_eq!(send(&p.socket, "ping"), "pong");
-    assert_eq!(send(&p.socket, "status").split(' ').next(), Some("pid"));
+    assert_eq!(send(&p.sock, "ping"), "pong");
+    assert_eq!(send(&p.sock, "status").split(' ').next(), Some("pid"));
 
     // The idle client is still served once it finishes its line.
     assert_eq!(request_on(&mut idle, "ng"), "pong");
@@ -579,20 +548,20 @@ fn clients_beyond_the_cap_are_turned_away_until_others_leave() {
 
     // The daemon serves at most 64 clients at once.
     let mut idle: Vec<UnixStream> = (0..64)
-        .map(|_| UnixStream::connect(&p.socket).expect("connect"))
+        .map(|_| UnixStream::connect(&p.sock).expect("connect"))
         .collect();
     // Prove all 64 are being served, each by its own thread.
     for conn in &mut idle {
         assert_eq!(request_on(conn, "ping"), "pong");
     }
-    let extra = UnixStream::connect(&p.socket).expect("connect");
+    let extra = UnixStream::connect(&p.sock).expect("connect");
     extra.set_read_timeout(Some(WATCHDOG)).expect("timeout");
     assert_eq!(read_reply(&extra), "error: too many clients");
 
     idle.clear(); // hang up; their threads end and give their places back
     let deadline = Instant::now() + WATCHDOG;
     loop {
-        let reply = send(&p.socket, "ping");
+        let reply = send(&p.sock, "ping");
         if reply == "pong" {
             break;
         }
@@ -600,13 +569,6 @@ fn clients_beyond_the_cap_are_turned_away_until_others_leave() {
         assert!(Instant::now() < deadline, "places never freed");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// A 0700 tempdir to stand in for `$XDG_RUNTIME_DIR` or `$TMPDIR`.
-fn private_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    dir
 }
 
 /// Starts the daemon with no arguments in the environment `env`, checks it
@@ -649,12 +611,12 @@ fn check_default_paths(env: &[(&str, Option<&Path>)], expected_dir: &Path) {
     let r = ctl_default("stop");
     assert_eq!(r.code(), Some(0), "{r}");
     assert_eq!(d.wait_exit().code(), Some(0), "{}", d.output());
-    assert_both_gone(&socket, &pid);
+    assert_absent(&[&socket, &pid]);
 }
 
 #[test]
 fn no_arguments_use_xdg_runtime_dir() {
-    let xdg = private_dir();
+    let xdg = private_tempdir();
     check_default_paths(
         &[("XDG_RUNTIME_DIR", Some(xdg.path()))],
         &xdg.path().join("historia-demo"),
@@ -663,7 +625,7 @@ fn no_arguments_use_xdg_runtime_dir() {
 
 #[test]
 fn no_arguments_without_xdg_use_a_per_user_dir_in_tmpdir() {
-    let tmp = private_dir();
+    let tmp = private_tempdir();
     let uid = nix::unistd::geteuid().as_raw();
     check_default_paths(
         &[("XDG_RUNTIME_DIR", None), ("TMPDIR", Some(tmp.path()))],
@@ -673,7 +635,7 @@ fn no_arguments_without_xdg_use_a_per_user_dir_in_tmpdir() {
 
 #[test]
 fn an_unsafe_default_runtime_dir_is_refused() {
-    let tmp = private_dir();
+    let tmp = private_tempdir();
     let uid = nix::unistd::geteuid().as_raw();
     let planted = tmp.path().join(format!("historia-demo-{uid}"));
     std::fs::create_dir(&planted).expect("mkdir");
@@ -698,17 +660,17 @@ fn an_unsafe_default_runtime_dir_is_refused() {
 
 #[test]
 fn environment_variables_override_the_default_paths() {
-    let xdg = private_dir();
+    let xdg = private_tempdir();
     let p = paths();
     let env = |cmd: &mut Command| {
         cmd.env("XDG_RUNTIME_DIR", xdg.path())
-            .env("HISTORIA_DEMO_SOCKET", &p.socket)
+            .env("HISTORIA_DEMO_SOCKET", &p.sock)
             .env("HISTORIA_DEMO_PID", &p.pid);
     };
     let mut cmd = Command::new(example("daemon"));
     env(&mut cmd);
     let mut d = Daemon::start(cmd);
-    assert_socket(&p.socket);
+    assert_socket(&p.sock);
     assert_eq!(pid_in_file(&p.pid), d.pid());
     // Nothing was created in the default place.
     assert!(!xdg.path().join("historia-demo").exists());
@@ -719,7 +681,7 @@ fn environment_variables_override_the_default_paths() {
     let r = run(stop);
     assert_eq!(r.code(), Some(0), "{r}");
     assert_eq!(d.wait_exit().code(), Some(0));
-    assert_gone(&p);
+    p.assert_gone();
 }
 
 #[test]

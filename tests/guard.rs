@@ -19,25 +19,19 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    child_main, dev_ino, dir_names, env_required, is_cloexec, mode_of, open_fds, process_alive,
-    read_stdin_line, report, snapshot, thread_names, wait_for_stdin_eof, ChildProc, ChildSpec, Rng,
+    builder_from_env, child_main, child_paths, dev_ino, dir_names, env_path, is_cloexec,
+    is_signal_thread, mode_of, open_fds, parse_ready, paths, process_alive, ready_line,
+    refusal_line, report, role_hold, serve_bare_listener, snapshot, thread_names,
+    wait_for_stdin_eof, ChildProc, Paths, Rng, MODE_ENV, SOCK_ENV, UMASK_ENV,
 };
 use historia_lifecycle::{
-    probe_socket, read_pid_file, running_pid, DaemonGuard, DaemonGuardBuilder, FileKind,
-    LifecycleError, SignalMode, SocketState,
+    probe_socket, read_pid_file, running_pid, DaemonGuard, FileKind, LifecycleError, SignalMode,
+    SocketState,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
-/// The dispatcher test children run (see `common`).
-const ENTRY: &str = "child_process_entry";
-const SOCK_ENV: &str = "HISTORIA_TEST_SOCK";
-const PID_ENV: &str = "HISTORIA_TEST_PID";
-/// Optional, for the `hold` role: socket mode in octal, e.g. "660".
-const MODE_ENV: &str = "HISTORIA_TEST_MODE";
-/// Optional, for the `hold` role: umask in octal, set before acquiring.
-const UMASK_ENV: &str = "HISTORIA_TEST_UMASK";
 /// Role parameter: which variant of a scenario to play.
 const VARIANT_ENV: &str = "HISTORIA_TEST_VARIANT";
 /// For the `cycles` role: how many acquire/drop cycles.
@@ -52,6 +46,7 @@ fn child_process_entry() {
     child_main(|role| match role {
         "race" => role_race(),
         "hold" => role_hold(),
+        "listen" => serve_bare_listener(&child_paths().0),
         "serve" => role_serve(),
         "fork" => role_fork(),
         "fds" => role_fds(),
@@ -62,49 +57,10 @@ fn child_process_entry() {
     });
 }
 
-fn env_paths() -> (PathBuf, PathBuf) {
-    (
-        PathBuf::from(env_required(SOCK_ENV)),
-        PathBuf::from(env_required(PID_ENV)),
-    )
-}
-
-fn env_octal(key: &str) -> Option<u32> {
-    let v = std::env::var(key).ok()?;
-    Some(u32::from_str_radix(&v, 8).unwrap_or_else(|_| panic!("${key}={v:?} is not octal")))
-}
-
-fn builder_from_env() -> DaemonGuardBuilder {
-    let (sock, pid) = env_paths();
-    let mut b = DaemonGuard::builder(sock, pid);
-    if let Some(mode) = env_octal(MODE_ENV) {
-        b = b.socket_mode(mode);
-    }
-    b
-}
-
-fn ready_line(g: &DaemonGuard) -> String {
-    format!(
-        "READY {} {} {}",
-        g.pid(),
-        g.reclaimed_stale_socket(),
-        g.reclaimed_stale_pid_file()
-    )
-}
-
-/// Reports the outcome of a failed acquire in a form the parent can count.
-fn refusal_line(e: &LifecycleError) -> String {
-    if matches!(e, LifecycleError::AlreadyRunning) {
-        "REFUSED AlreadyRunning".into()
-    } else {
-        format!("ERROR {e:?}")
-    }
-}
-
 /// P1 racer: waits at the barrier (end of file on a stdin shared by all
 /// racers), acquires, and reports. The winner answers one connection.
 fn role_race() {
-    let (sock, pid) = env_paths();
+    let (sock, pid) = child_paths();
     report("WAITING");
     wait_for_stdin_eof();
     match DaemonGuard::acquire(&sock, &pid) {
@@ -117,37 +73,6 @@ fn role_race() {
             report("ACCEPTED");
         }
         Err(e) => report(refusal_line(&e)),
-    }
-}
-
-/// Acquires (mode and umask from the environment) and obeys stdin:
-/// `drop`, `close`, or end of file (exit, dropping a guard still held).
-fn role_hold() {
-    if let Some(mask) = env_octal(UMASK_ENV) {
-        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
-    }
-    let mut guard = match builder_from_env().acquire() {
-        Ok(g) => {
-            report(ready_line(&g));
-            Some(g)
-        }
-        Err(e) => {
-            report(refusal_line(&e));
-            return;
-        }
-    };
-    while let Some(cmd) = read_stdin_line() {
-        match cmd.as_str() {
-            "drop" => {
-                drop(guard.take().expect("a guard to drop"));
-                report("DROPPED");
-            }
-            "close" => {
-                let r = guard.take().expect("a guard to close").close();
-                report(format!("CLOSED {r:?}"));
-            }
-            other => panic!("unknown command {other:?}"),
-        }
     }
 }
 
@@ -264,7 +189,7 @@ fn role_spawn_sleep() {
 /// Acquire/drop cycles, tracking this process's descriptor and thread counts
 /// after every cycle.
 fn role_cycles() {
-    let (sock, pid) = env_paths();
+    let (sock, pid) = child_paths();
     let n: usize = std::env::var(CYCLES_ENV)
         .expect("cycles")
         .parse()
@@ -302,19 +227,11 @@ fn role_cycles() {
     ));
 }
 
-/// Whether a thread name from `/proc/self/task/*/comm` is the crate's
-/// "historia-signals" helper. The kernel keeps 15 bytes of a thread name
-/// (TASK_COMM_LEN 16 with the NUL), so /proc, ps and top show
-/// "historia-signal".
-fn is_signal_thread(comm: &str) -> bool {
-    "historia-signals".starts_with(comm) && comm.starts_with("historia-signal")
-}
-
 /// Holds many flocks (so `/proc/locks` outgrows one page) and takes and
 /// drops one more in a loop until killed: the lock-table churn of a busy
 /// machine.
 fn role_churn_locks() {
-    let dir = PathBuf::from(env_required(SOCK_ENV)).with_file_name("churn");
+    let dir = env_path(SOCK_ENV).with_file_name("churn");
     fs::create_dir_all(&dir).expect("churn dir");
     let me = std::process::id();
     let held: Vec<fs::File> = (0..100)
@@ -349,49 +266,11 @@ fn role_churn_locks() {
 // Parent helpers
 // ---------------------------------------------------------------------------
 
-struct Paths {
-    dir: tempfile::TempDir,
-    sock: PathBuf,
-    pid: PathBuf,
-}
-
-fn paths() -> Paths {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("daemon.sock");
-    let pid = dir.path().join("daemon.pid");
-    Paths { dir, sock, pid }
-}
-
-fn role(role: &str, p: &Paths) -> ChildSpec {
-    ChildSpec::new(ENTRY, role)
-        .env(SOCK_ENV, &p.sock)
-        .env(PID_ENV, &p.pid)
-}
-
-/// Parses "READY <pid> <reclaimed socket> <reclaimed pid file> ...".
-fn parse_ready(child: &ChildProc) -> (u32, bool, bool) {
-    let rest = child.expect_prefixed("READY ");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let pid: u32 = f[0].parse().expect("pid");
-    assert_eq!(pid, child.pid(), "the guard reports the child's PID");
-    (pid, f[1] == "true", f[2] == "true")
-}
-
+/// A `hold` child that got the claim.
 fn spawn_holder(p: &Paths) -> ChildProc {
-    let child = role("hold", p).spawn();
+    let child = p.child("hold").spawn();
     parse_ready(&child);
     child
-}
-
-fn assert_gone(p: &Paths) {
-    assert!(dev_ino(&p.sock).is_none(), "socket left at {:?}", p.sock);
-    assert!(dev_ino(&p.pid).is_none(), "PID file left at {:?}", p.pid);
-}
-
-fn acquire_here(p: &Paths) -> Result<DaemonGuard, LifecycleError> {
-    DaemonGuard::builder(&p.sock, &p.pid)
-        .signals(SignalMode::Off)
-        .acquire()
 }
 
 // ---------------------------------------------------------------------------
@@ -420,7 +299,7 @@ fn p1_racing_processes_exactly_one_wins_every_round() {
         let children: Vec<ChildProc> = (0..n)
             .map(|_| {
                 let stdin: OwnedFd = read.try_clone().expect("dup read end");
-                role("race", &p).stdin(Stdio::from(stdin)).spawn()
+                p.child("race").stdin(Stdio::from(stdin)).spawn()
             })
             .collect();
         drop(read);
@@ -471,7 +350,7 @@ fn p1_racing_processes_exactly_one_wins_every_round() {
         for mut c in children {
             c.wait_success();
         }
-        assert_gone(&p);
+        p.assert_gone();
         assert!(
             dir_names(p.dir.path()).is_empty(),
             "round {round} left files"
@@ -492,7 +371,7 @@ fn p1_running_pid_names_the_holder_while_other_processes_churn_locks() {
     const CALLS: usize = 1000;
     let p = paths();
     let mut holder = spawn_holder(&p);
-    let mut churners: Vec<ChildProc> = (0..2).map(|_| role("churn-locks", &p).spawn()).collect();
+    let mut churners: Vec<ChildProc> = (0..2).map(|_| p.child("churn-locks").spawn()).collect();
     for c in &churners {
         assert_eq!(c.expect_line(), "CHURNING 100");
     }
@@ -509,9 +388,8 @@ fn p1_running_pid_names_the_holder_while_other_processes_churn_locks() {
         misses.len(),
         misses.first()
     );
-    holder.close_stdin();
-    holder.wait_success();
-    assert_gone(&p);
+    holder.stop();
+    p.assert_gone();
 }
 
 // ---------------------------------------------------------------------------
@@ -534,7 +412,7 @@ fn p3_losing_acquires_leave_the_winners_files_untouched() {
     std::thread::sleep(Duration::from_millis(30));
 
     for _ in 0..3 {
-        let e = acquire_here(&p).expect_err("the holder is alive");
+        let e = p.acquire_here().expect_err("the holder is alive");
         assert!(matches!(e, LifecycleError::AlreadyRunning), "{e:?}");
         let e = DaemonGuard::builder(&p.sock, &p.pid)
             .socket_mode(0o666)
@@ -544,7 +422,7 @@ fn p3_losing_acquires_leave_the_winners_files_untouched() {
             .expect_err("the holder is alive");
         assert!(matches!(e, LifecycleError::AlreadyRunning), "{e:?}");
     }
-    let losers: Vec<ChildProc> = (0..4).map(|_| role("hold", &p).spawn()).collect();
+    let losers: Vec<ChildProc> = (0..4).map(|_| p.child("hold").spawn()).collect();
     for mut l in losers {
         assert_eq!(l.expect_line(), "REFUSED AlreadyRunning");
         l.wait_success();
@@ -556,9 +434,8 @@ fn p3_losing_acquires_leave_the_winners_files_untouched() {
     assert_eq!(running_pid(&p.pid).unwrap(), Some(holder.pid()));
     assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
 
-    holder.close_stdin();
-    holder.wait_success();
-    assert_gone(&p);
+    holder.stop();
+    p.assert_gone();
 }
 
 // ---------------------------------------------------------------------------
@@ -567,7 +444,7 @@ fn p3_losing_acquires_leave_the_winners_files_untouched() {
 
 fn serve_and_check(variant: &str) {
     let p = paths();
-    let mut server = role("serve", &p).env(VARIANT_ENV, variant).spawn();
+    let mut server = p.child("serve").env(VARIANT_ENV, variant).spawn();
     let rest = server.expect_prefixed("READY ");
     assert_eq!(
         rest,
@@ -583,10 +460,9 @@ fn serve_and_check(variant: &str) {
     BufReader::new(&client).read_line(&mut reply).unwrap();
     assert_eq!(reply, "echo:ping\n");
     assert_eq!(server.expect_line(), "SERVED ping");
-    server.close_stdin();
-    server.wait_success();
+    server.stop();
     // Even with the listener taken out of it, the guard removed the socket.
-    assert_gone(&p);
+    p.assert_gone();
 }
 
 /// P4: a client connects to the guard's listener and exchanges bytes; the
@@ -610,8 +486,9 @@ fn p4_take_listener_serves_and_socket_is_still_removed() {
 fn p4_socket_mode_is_exact_under_any_umask() {
     for umask in ["077", "000", "022"] {
         let (a, b) = (paths(), paths());
-        let mut default = role("hold", &a).env(UMASK_ENV, umask).spawn();
-        let mut group = role("hold", &b)
+        let mut default = a.child("hold").env(UMASK_ENV, umask).spawn();
+        let mut group = b
+            .child("hold")
             .env(UMASK_ENV, umask)
             .env(MODE_ENV, "660")
             .spawn();
@@ -622,11 +499,10 @@ fn p4_socket_mode_is_exact_under_any_umask() {
         assert_eq!(mode_of(&a.pid), 0o644, "PID file mode, umask {umask}");
         assert_eq!(mode_of(&b.pid), 0o644, "PID file mode, umask {umask}");
         for c in [&mut default, &mut group] {
-            c.close_stdin();
-            c.wait_success();
+            c.stop();
         }
-        assert_gone(&a);
-        assert_gone(&b);
+        a.assert_gone();
+        b.assert_gone();
     }
 }
 
@@ -676,7 +552,7 @@ fn p4_non_socket_at_socket_path_is_refused_and_left_alone() {
         let p = paths();
         make(&p.sock);
         let before = snapshot(&p.sock);
-        let err = acquire_here(&p).expect_err(what);
+        let err = p.acquire_here().expect_err(what);
         assert!(
             matches!(
                 &err,
@@ -712,6 +588,47 @@ fn p4_non_socket_at_socket_path_is_refused_and_left_alone() {
     );
 }
 
+/// P4: a bare listener (a plain `UnixListener` in another process, with no
+/// guard and no claim) already serves at the socket path while nobody holds
+/// the PID file's claim. The acquire gets the claim, then finds the socket
+/// live: it must refuse with exactly `AlreadyRunning`, leave the listener's
+/// socket file as it was (same inode) and roll back the PID file it created,
+/// leaving no PID file and no temp file. A loser in another process, with
+/// the default signal handling, gets the same.
+#[test]
+fn p4_bare_listener_without_a_claim_is_already_running_and_the_pid_file_rolled_back() {
+    let p = paths();
+    let mut listener = p.child("listen").spawn();
+    assert_eq!(listener.expect_line(), "LISTENING");
+    let before = snapshot(&p.sock);
+    assert_eq!(dir_names(p.dir.path()), ["daemon.sock"]);
+    assert_eq!(running_pid(&p.pid).unwrap(), None, "nobody holds the claim");
+
+    let e = p.acquire_here().expect_err("a listener serves there");
+    assert!(matches!(e, LifecycleError::AlreadyRunning), "{e:?}");
+    let mut loser = p.child("hold").spawn();
+    assert_eq!(loser.expect_line(), "REFUSED AlreadyRunning");
+    loser.finish();
+
+    let after = snapshot(&p.sock);
+    assert_eq!(
+        after.dev_ino, before.dev_ino,
+        "the listener's socket replaced"
+    );
+    assert_eq!(after, before, "the listener's socket was touched");
+    assert!(dev_ino(&p.pid).is_none(), "PID file not rolled back");
+    let names = dir_names(p.dir.path());
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with('.') && n.ends_with(".tmp")),
+        "temp file left: {names:?}"
+    );
+    assert_eq!(names, ["daemon.sock"], "stray files");
+    assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
+    listener.stop();
+}
+
 // ---------------------------------------------------------------------------
 // P5: owned cleanup
 // ---------------------------------------------------------------------------
@@ -724,11 +641,10 @@ fn p5_drop_removes_both_files() {
     assert!(p.sock.exists() && p.pid.exists());
     holder.send_line("drop");
     assert_eq!(holder.expect_line(), "DROPPED");
-    assert_gone(&p);
+    p.assert_gone();
     assert!(!holder.has_exited(), "Drop, not process exit, removed them");
     assert_eq!(running_pid(&p.pid).unwrap(), None);
-    holder.close_stdin();
-    holder.wait_success();
+    holder.stop();
 }
 
 /// P5: `close()` returns `Ok(())` and removes both files; the process then
@@ -739,18 +655,16 @@ fn p5_close_returns_ok_removes_and_never_cleans_up_twice() {
     let mut old = spawn_holder(&p);
     old.send_line("close");
     assert_eq!(old.expect_line(), "CLOSED Ok(())");
-    assert_gone(&p);
+    p.assert_gone();
 
     let mut new = spawn_holder(&p);
     let (sock, pid) = (snapshot(&p.sock), snapshot(&p.pid));
-    old.close_stdin();
-    old.wait_success();
+    old.stop();
     assert_eq!(snapshot(&p.sock), sock);
     assert_eq!(snapshot(&p.pid), pid);
     assert_eq!(running_pid(&p.pid).unwrap(), Some(new.pid()));
-    new.close_stdin();
-    new.wait_success();
-    assert_gone(&p);
+    new.stop();
+    p.assert_gone();
 }
 
 /// P5: a `fork`ed child (no exec) that drops its copy of the guard, closes
@@ -760,8 +674,9 @@ fn p5_close_returns_ok_removes_and_never_cleans_up_twice() {
 fn p5_forked_child_ending_its_copy_keeps_parents_files_and_claim() {
     for variant in ["drop", "close", "exit"] {
         let p = paths();
-        let mut daemon = role("fork", &p).env(VARIANT_ENV, variant).spawn();
-        let (daemon_pid, _, _) = parse_ready(&daemon);
+        let mut daemon = p.child("fork").env(VARIANT_ENV, variant).spawn();
+        parse_ready(&daemon);
+        let daemon_pid = daemon.pid();
         let (sock, pid) = (snapshot(&p.sock), snapshot(&p.pid));
         let forked = daemon.expect_prefixed("FORKED ");
         assert!(
@@ -772,15 +687,16 @@ fn p5_forked_child_ending_its_copy_keeps_parents_files_and_claim() {
         assert_eq!(snapshot(&p.pid), pid, "{variant}: PID file touched");
         assert_eq!(running_pid(&p.pid).unwrap(), Some(daemon_pid), "{variant}");
         assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
-        let e = acquire_here(&p).expect_err("the parent still holds the claim");
+        let e = p
+            .acquire_here()
+            .expect_err("the parent still holds the claim");
         assert!(
             matches!(e, LifecycleError::AlreadyRunning),
             "{variant}: {e:?}"
         );
 
-        daemon.close_stdin();
-        daemon.wait_success();
-        assert_gone(&p);
+        daemon.stop();
+        p.assert_gone();
     }
 }
 
@@ -793,8 +709,8 @@ fn p5_old_guard_leaves_a_newer_instances_files_alone() {
         let mut old = spawn_holder(&p);
         fs::remove_file(&p.sock).unwrap();
         fs::remove_file(&p.pid).unwrap();
-        let mut new = role("hold", &p).spawn();
-        let (_, reclaimed_sock, reclaimed_pid) = parse_ready(&new);
+        let mut new = p.child("hold").spawn();
+        let (reclaimed_sock, reclaimed_pid) = parse_ready(&new);
         assert!(
             !reclaimed_sock && !reclaimed_pid,
             "nothing was left to reclaim"
@@ -808,16 +724,14 @@ fn p5_old_guard_leaves_a_newer_instances_files_alone() {
             "CLOSED Ok(())"
         };
         assert_eq!(old.expect_line(), expected);
-        old.close_stdin();
-        old.wait_success();
+        old.stop();
 
         assert_eq!(snapshot(&p.sock), sock, "{end}: newer socket touched");
         assert_eq!(snapshot(&p.pid), pid, "{end}: newer PID file touched");
         assert_eq!(running_pid(&p.pid).unwrap(), Some(new.pid()));
         assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
-        new.close_stdin();
-        new.wait_success();
-        assert_gone(&p);
+        new.stop();
+        p.assert_gone();
     }
 }
 
@@ -830,7 +744,7 @@ fn p5_old_guard_leaves_a_newer_instances_files_alone() {
 #[test]
 fn p7_program_spawned_by_daemon_does_not_keep_the_claim() {
     let p = paths();
-    let mut daemon = role("spawn-sleep", &p).spawn();
+    let mut daemon = p.child("spawn-sleep").spawn();
     let rest = daemon.expect_prefixed("READY ");
     let sleep_pid: u32 = rest
         .split_whitespace()
@@ -855,14 +769,13 @@ fn p7_program_spawned_by_daemon_does_not_keep_the_claim() {
         assert_ne!(target, pid_path, "sleep inherited the PID file");
     }
 
-    let mut next = role("hold", &p).spawn();
-    let (_, reclaimed_sock, reclaimed_pid) = parse_ready(&next);
+    let mut next = p.child("hold").spawn();
+    let (reclaimed_sock, reclaimed_pid) = parse_ready(&next);
     assert!(process_alive(sleep_pid), "the sleep ran during the acquire");
     assert!(reclaimed_sock && reclaimed_pid);
     assert_eq!(running_pid(&p.pid).unwrap(), Some(next.pid()));
-    next.close_stdin();
-    next.wait_success();
-    assert_gone(&p);
+    next.stop();
+    p.assert_gone();
 }
 
 /// P7: every descriptor an acquire adds (PID file lock, listener, signal
@@ -870,7 +783,7 @@ fn p7_program_spawned_by_daemon_does_not_keep_the_claim() {
 #[test]
 fn p7_every_descriptor_the_guard_holds_is_cloexec() {
     let p = paths();
-    let mut child = role("fds", &p).spawn();
+    let mut child = p.child("fds").spawn();
     let rest = child.expect_prefixed("NEWFDS ");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let (new, cloexec): (usize, usize) = (f[0].parse().unwrap(), f[1].parse().unwrap());
@@ -878,8 +791,7 @@ fn p7_every_descriptor_the_guard_holds_is_cloexec() {
     assert_eq!(cloexec, new, "descriptors without FD_CLOEXEC: {rest}");
     assert_eq!(f[2], "listener_is_new=true");
     assert_eq!(child.expect_line(), "KEPT true true");
-    child.close_stdin();
-    child.wait_success();
+    child.stop();
 }
 
 // ---------------------------------------------------------------------------
@@ -891,7 +803,7 @@ fn p7_every_descriptor_the_guard_holds_is_cloexec() {
 #[test]
 fn p8_thousands_of_cycles_leave_fd_and_thread_counts_flat() {
     let p = paths();
-    let mut child = role("cycles", &p).env(CYCLES_ENV, "2000").spawn();
+    let mut child = p.child("cycles").env(CYCLES_ENV, "2000").spawn();
     let rest = child.expect_prefixed("CYCLES ");
     let f: Vec<&str> = rest.split_whitespace().collect();
     // "2000 fds <first> <min> <max> threads <first> <min> <max> signal_threads <n>"
@@ -905,5 +817,5 @@ fn p8_thousands_of_cycles_leave_fd_and_thread_counts_flat() {
     );
     assert_eq!(num(10), 1, "one signal thread: {rest}");
     child.wait_success();
-    assert_gone(&p);
+    p.assert_gone();
 }

@@ -9,89 +9,72 @@
 
 #![cfg(target_os = "linux")]
 
-use std::collections::BTreeMap;
-use std::fs;
-use std::io::Read;
-use std::os::unix::fs::{symlink, MetadataExt};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+mod common;
 
-use historia_lifecycle::{
-    probe_socket, write_pid_file, DaemonGuard, DaemonInfo, FileKind, LifecycleError, SignalMode,
-    SocketState,
+use std::fs;
+use std::os::unix::fs::symlink;
+
+use common::{
+    assert_wrong_type, builder_from_env, child_main, child_paths, dir_names, paths, ready_line,
+    report, serve_bare_listener, wait_for_stdin_eof, ChildProc, Paths,
 };
+use historia_lifecycle::{
+    probe_socket, write_pid_file, DaemonInfo, FileKind, LifecycleError, SignalMode, SocketState,
+};
+use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use serial_test::serial;
 
 // ---------------------------------------------------------------------------
-// Child roles. The test binary re-runs itself with HISTORIA_CHILD=<role>.
+// Child roles (see `common`).
 // ---------------------------------------------------------------------------
 
 #[test]
-fn child_entry() {
-    let Ok(role) = std::env::var(ROLE) else {
-        return; // an ordinary test run: nothing to do
-    };
-    match role.as_str() {
+fn child_process_entry() {
+    child_main(|role| match role {
         // A plain listener, no PID file, no lock.
-        "listen" => {
-            let _listener = UnixListener::bind(env_path("HISTORIA_SOCK")).unwrap();
-            serve_until_parent_says_stop();
-        }
+        "listen" => serve_bare_listener(&child_paths().0),
         // A daemon holding the claim.
         "guard" => {
-            let guard = DaemonGuard::builder(env_path("HISTORIA_SOCK"), env_path("HISTORIA_PID"))
+            let guard = builder_from_env()
                 .signals(SignalMode::Off)
                 .acquire()
                 .unwrap();
-            serve_until_parent_says_stop();
+            report(ready_line(&guard));
+            wait_for_stdin_eof();
             guard.close().unwrap();
         }
         other => panic!("unknown child role {other:?}"),
-    }
+    });
 }
 
-struct Paths {
-    dir: tempfile::TempDir,
-    sock: PathBuf,
-    pid: PathBuf,
+fn daemon_info(p: &Paths) -> DaemonInfo {
+    DaemonInfo::new(p.sock.clone(), p.pid.clone())
 }
 
-impl Paths {
-    fn new() -> Paths {
-        let dir = tempfile::tempdir().unwrap();
-        let (sock, pid) = (dir.path().join("d.sock"), dir.path().join("d.pid"));
-        Paths { dir, sock, pid }
-    }
+/// A bare listener at the socket path; returns once it listens.
+fn start_listener(p: &Paths) -> ChildProc {
+    let child = p.child("listen").spawn();
+    assert_eq!(child.expect_line(), "LISTENING");
+    child
+}
 
-    fn info(&self) -> DaemonInfo {
-        DaemonInfo::new(self.sock.clone(), self.pid.clone())
-    }
+/// A daemon holding the claim; returns once it holds it.
+fn start_daemon(p: &Paths) -> ChildProc {
+    let child = p.child("guard").spawn();
+    assert_eq!(common::parse_ready(&child), (false, false));
+    child
+}
 
-    fn start(&self, role: &str) -> Server {
-        let mut cmd = child(role);
-        cmd.env("HISTORIA_SOCK", &self.sock)
-            .env("HISTORIA_PID", &self.pid);
-        Server::start(cmd, self.dir.path())
-    }
-
-    /// A daemon that died by SIGKILL: its socket and PID file stay, with no
-    /// listener and no lock. Returns its PID.
-    fn crashed_daemon(&self) -> u32 {
-        let daemon = self.start("guard");
-        let pid = daemon.id();
-        daemon.kill();
-        assert_eq!(probe_socket(&self.sock).unwrap(), SocketState::Stale);
-        assert!(self.pid.is_file());
-        pid
-    }
-
-    fn tree(&self) -> BTreeMap<PathBuf, Node> {
-        tree(self.dir.path())
-    }
+/// A daemon that died by SIGKILL: its socket and PID file stay, with no
+/// listener and no lock. Returns its PID.
+fn crashed_daemon(p: &Paths) -> u32 {
+    let mut daemon = start_daemon(p);
+    daemon.signal(Signal::SIGKILL);
+    daemon.wait_signaled(Signal::SIGKILL);
+    assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Stale);
+    assert!(p.pid.is_file());
+    daemon.pid()
 }
 
 // ---------------------------------------------------------------------------
@@ -100,8 +83,8 @@ impl Paths {
 
 #[test]
 fn load_pid_reads_the_number_and_keeps_it_on_error() {
-    let p = Paths::new();
-    let mut info = p.info();
+    let p = paths();
+    let mut info = daemon_info(&p);
     assert_eq!(info.pid, None);
 
     fs::write(&p.pid, b"4242\n").unwrap();
@@ -125,9 +108,9 @@ fn load_pid_reads_the_number_and_keeps_it_on_error() {
 #[test]
 #[serial]
 fn is_running_is_false_and_read_only_with_stale_files() {
-    let p = Paths::new();
-    let dead = p.crashed_daemon();
-    let mut info = p.info();
+    let p = paths();
+    let dead = crashed_daemon(&p);
+    let mut info = daemon_info(&p);
     assert_eq!(info.load_pid().unwrap(), Some(dead));
     let before = p.tree();
 
@@ -146,26 +129,26 @@ fn is_running_is_false_and_read_only_with_stale_files() {
 #[test]
 #[serial]
 fn is_running_sees_a_live_daemon_in_a_child() {
-    let p = Paths::new();
-    let info = p.info();
+    let p = paths();
+    let info = daemon_info(&p);
 
     // A bare listener, no PID file: the socket answers.
-    let listener = p.start("listen");
+    let mut listener = start_listener(&p);
     let before = p.tree();
     assert!(info.is_running());
     assert_eq!(p.tree(), before, "is_running touched a live socket");
-    assert!(listener.stop().success());
+    listener.stop();
     fs::remove_file(&p.sock).unwrap();
 
     // A guard: running, and still running when an operator deleted its
     // socket, because the claim's flock lives as long as the daemon.
-    let daemon = p.start("guard");
+    let mut daemon = start_daemon(&p);
     let before = p.tree();
     assert!(info.is_running());
     assert_eq!(p.tree(), before);
     fs::remove_file(&p.sock).unwrap();
     assert!(info.is_running());
-    assert!(daemon.stop().success());
+    daemon.stop();
     assert!(!info.is_running());
 }
 
@@ -176,9 +159,9 @@ fn is_running_sees_a_live_daemon_in_a_child() {
 #[test]
 #[serial]
 fn cleanup_removes_what_a_crashed_daemon_left_and_is_idempotent() {
-    let p = Paths::new();
-    p.crashed_daemon();
-    let info = p.info();
+    let p = paths();
+    crashed_daemon(&p);
+    let info = daemon_info(&p);
 
     info.cleanup().unwrap();
     assert!(fs::symlink_metadata(&p.sock).is_err(), "stale socket kept");
@@ -186,17 +169,17 @@ fn cleanup_removes_what_a_crashed_daemon_left_and_is_idempotent() {
     info.cleanup().unwrap();
     info.cleanup().unwrap();
     assert!(!info.is_running());
-    assert_eq!(names(p.dir.path()), Vec::<String>::new());
+    assert_eq!(dir_names(p.dir.path()), Vec::<String>::new());
 }
 
 #[test]
 #[serial]
 fn cleanup_refuses_while_a_daemon_in_a_child_runs() {
-    let p = Paths::new();
-    let info = p.info();
+    let p = paths();
+    let info = daemon_info(&p);
 
     // A guard holds the claim: nothing of its may go.
-    let daemon = p.start("guard");
+    let mut daemon = start_daemon(&p);
     let before = p.tree();
     assert!(matches!(
         info.cleanup(),
@@ -211,11 +194,11 @@ fn cleanup_refuses_while_a_daemon_in_a_child_runs() {
         Err(LifecycleError::AlreadyRunning)
     ));
     assert_eq!(p.tree(), before);
-    assert!(daemon.stop().success());
+    daemon.stop();
 
     // A listener without any lock, beside an unlocked PID file: the socket
     // answers, so nothing is removed, not even the PID file.
-    let listener = p.start("listen");
+    let mut listener = start_listener(&p);
     write_pid_file(&p.pid).unwrap();
     let before = p.tree();
     assert!(matches!(
@@ -223,12 +206,12 @@ fn cleanup_refuses_while_a_daemon_in_a_child_runs() {
         Err(LifecycleError::AlreadyRunning)
     ));
     assert_eq!(p.tree(), before);
-    assert!(listener.stop().success());
+    listener.stop();
 }
 
 #[test]
 fn cleanup_never_removes_what_is_not_a_socket_or_a_pid_file() {
-    let p = Paths::new();
+    let p = paths();
     let victim = p.dir.path().join("victim");
     fs::write(&victim, b"1\n").unwrap();
 
@@ -250,7 +233,7 @@ fn cleanup_never_removes_what_is_not_a_socket_or_a_pid_file() {
         (&link, FileKind::Symlink),
     ] {
         let info = DaemonInfo::new(sock.clone(), p.pid.clone());
-        assert_wrong_type(sock, kind, info.cleanup().unwrap_err());
+        assert_wrong_type(sock, FileKind::Socket, kind, info.cleanup().unwrap_err());
         assert!(!info.is_running(), "{kind:?} counted as a live daemon");
     }
     assert_eq!(p.tree(), before);
@@ -260,188 +243,12 @@ fn cleanup_never_removes_what_is_not_a_socket_or_a_pid_file() {
     symlink(&victim, &pid_link).unwrap();
     let before = p.tree();
     let info = DaemonInfo::new(p.sock.clone(), pid_link.clone());
-    assert_wrong_type(&pid_link, FileKind::Symlink, info.cleanup().unwrap_err());
+    assert_wrong_type(
+        &pid_link,
+        FileKind::Regular,
+        FileKind::Symlink,
+        info.cleanup().unwrap_err(),
+    );
     assert!(!info.is_running());
     assert_eq!(p.tree(), before);
-}
-
-// ---------------------------------------------------------------------------
-// Helpers (tests/common belongs to another file set; this file carries its own).
-// ---------------------------------------------------------------------------
-
-fn assert_wrong_type(path: &Path, kind: FileKind, e: LifecycleError) {
-    match &e {
-        LifecycleError::UnexpectedFileType { path: p, found, .. } => {
-            assert_eq!(p, path);
-            assert_eq!(*found, kind, "{e}");
-        }
-        other => panic!(
-            "{}: expected UnexpectedFileType, got {other:?}",
-            path.display()
-        ),
-    }
-    assert_eq!(e.path(), Some(path));
-    assert!(
-        e.to_string().contains(&path.display().to_string()),
-        "message does not name the path: {e}"
-    );
-}
-
-/// Sorted file names in `dir`.
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-/// Env var naming the role a re-executed test binary plays.
-const ROLE: &str = "HISTORIA_CHILD";
-/// Longest any child may take; it is killed after that.
-const WATCHDOG: Duration = Duration::from_secs(20);
-
-fn env_path(name: &str) -> PathBuf {
-    std::env::var_os(name)
-        .unwrap_or_else(|| panic!("{name} is not set"))
-        .into()
-}
-
-/// A command re-running this test binary as `role`.
-fn child(role: &str) -> Command {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    cmd
-}
-
-/// Child side of [`Server`]: say ready, then hold everything until the
-/// parent closes our stdin (or dies).
-fn serve_until_parent_says_stop() {
-    fs::write(env_path("HISTORIA_READY"), b"").unwrap();
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
-}
-
-/// Waits for `child` until the watchdog expires; kills it then.
-fn wait_or_kill(child: &mut Child) -> Option<ExitStatus> {
-    let deadline = Instant::now() + WATCHDOG;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A long-running child; stopped (stdin closed, then killed if need be) on
-/// drop so no test leaves one behind.
-struct Server {
-    child: Option<Child>,
-}
-
-impl Server {
-    /// Starts `cmd` and waits until it has created its ready file in `dir`.
-    fn start(mut cmd: Command, dir: &Path) -> Server {
-        let ready = dir.join(".ready");
-        cmd.env("HISTORIA_READY", &ready);
-        let mut server = Server {
-            child: Some(cmd.spawn().unwrap()),
-        };
-        let deadline = Instant::now() + WATCHDOG;
-        while !ready.exists() {
-            let c = server.child.as_mut().unwrap();
-            if let Some(status) = c.try_wait().unwrap() {
-                panic!("server child exited before it was ready: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "watchdog: server child never got ready"
-            );
-            thread::sleep(Duration::from_millis(2));
-        }
-        fs::remove_file(&ready).unwrap();
-        server
-    }
-
-    fn id(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    /// Asks the child to finish and returns how it ended.
-    fn stop(mut self) -> ExitStatus {
-        let mut c = self.child.take().unwrap();
-        drop(c.stdin.take());
-        wait_or_kill(&mut c).expect("watchdog: server child did not stop")
-    }
-
-    /// SIGKILL: the child runs no cleanup at all.
-    fn kill(mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            drop(c.stdin.take());
-            wait_or_kill(&mut c);
-        }
-    }
-}
-
-/// What `lstat` and the content say about one path, to prove "untouched".
-#[derive(Debug, PartialEq, Eq)]
-struct Node {
-    dev: u64,
-    ino: u64,
-    mode: u32,
-    uid: u32,
-    nlink: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-    bytes: Option<Vec<u8>>,
-    link: Option<PathBuf>,
-}
-
-fn node(path: &Path) -> Node {
-    let m = fs::symlink_metadata(path).unwrap();
-    let ft = m.file_type();
-    Node {
-        dev: m.dev(),
-        ino: m.ino(),
-        mode: m.mode(),
-        uid: m.uid(),
-        nlink: m.nlink(),
-        mtime: (m.mtime(), m.mtime_nsec()),
-        ctime: (m.ctime(), m.ctime_nsec()),
-        bytes: ft.is_file().then(|| fs::read(path).unwrap()),
-        link: ft.is_symlink().then(|| fs::read_link(path).unwrap()),
-    }
-}
-
-/// Every path under `root` (not following symlinks) with its [`Node`].
-fn tree(root: &Path) -> BTreeMap<PathBuf, Node> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(p) = todo.pop() {
-        let n = node(&p);
-        if fs::symlink_metadata(&p).unwrap().is_dir() {
-            for e in fs::read_dir(&p).unwrap() {
-                todo.push(e.unwrap().path());
-            }
-        }
-        out.insert(p, n);
-    }
-    out
 }

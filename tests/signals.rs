@@ -9,22 +9,18 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{
-    child_main, dev_ino, env_required, process_alive, read_stdin_line, report, snapshot,
-    thread_names, wait_for_stdin_eof, ChildProc, ChildSpec,
+    child_main, child_paths, dev_ino, env_path, is_signal_thread, parse_ready, paths,
+    process_alive, read_stdin_line, ready_line, report, snapshot, thread_names, wait_for_stdin_eof,
+    ChildProc, Paths,
 };
 use historia_lifecycle::{probe_socket, running_pid, DaemonGuard, SignalMode, SocketState};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
-/// The dispatcher test children run (see `common`).
-const ENTRY: &str = "child_process_entry";
-const SOCK_ENV: &str = "HISTORIA_TEST_SOCK";
-const PID_ENV: &str = "HISTORIA_TEST_PID";
 /// A second path pair, for the role with two guards.
 const SOCK2_ENV: &str = "HISTORIA_TEST_SOCK2";
 const PID2_ENV: &str = "HISTORIA_TEST_PID2";
@@ -48,33 +44,18 @@ fn child_process_entry() {
     });
 }
 
-fn env_paths(sock: &str, pid: &str) -> (PathBuf, PathBuf) {
-    (
-        PathBuf::from(env_required(sock)),
-        PathBuf::from(env_required(pid)),
-    )
-}
-
 fn acquire(mode: SignalMode) -> DaemonGuard {
-    let (sock, pid) = env_paths(SOCK_ENV, PID_ENV);
+    let (sock, pid) = child_paths();
     DaemonGuard::builder(sock, pid)
         .signals(mode)
         .acquire()
         .expect("acquire")
 }
 
-/// Whether a thread name from `/proc/self/task/*/comm` is the crate's
-/// "historia-signals" helper. The kernel keeps 15 bytes of a thread name
-/// (TASK_COMM_LEN 16 with the NUL), so /proc, ps and top show
-/// "historia-signal".
-fn is_signal_thread(comm: &str) -> bool {
-    "historia-signals".starts_with(comm) && comm.starts_with("historia-signal")
-}
-
 /// Default mode; the main thread then blocks in accept(2) for good.
 fn role_block_accept() {
     let g = acquire(SignalMode::Exit);
-    report(format!("READY {}", g.pid()));
+    report(ready_line(&g));
     let accepted = g.listener().expect("listener").accept();
     report(format!("ACCEPTED {accepted:?}"));
 }
@@ -82,7 +63,7 @@ fn role_block_accept() {
 /// Default mode; the main thread then blocks in read(2) on stdin.
 fn role_block_stdin() {
     let g = acquire(SignalMode::Exit);
-    report(format!("READY {}", g.pid()));
+    report(ready_line(&g));
     wait_for_stdin_eof();
     report("EOF");
 }
@@ -90,7 +71,7 @@ fn role_block_stdin() {
 /// Two guards on two path pairs in one process, then blocked on stdin.
 fn role_two_guards() {
     let a = acquire(SignalMode::Exit);
-    let (sock2, pid2) = env_paths(SOCK2_ENV, PID2_ENV);
+    let (sock2, pid2) = (env_path(SOCK2_ENV), env_path(PID2_ENV));
     let b = DaemonGuard::acquire(sock2, pid2).expect("acquire second pair");
     report(format!("READY {} {}", a.pid(), b.pid()));
     wait_for_stdin_eof();
@@ -99,7 +80,7 @@ fn role_two_guards() {
 /// Acquire/drop cycles, counting threads; then holds one guard, blocked on
 /// stdin, so the parent can check the signal handling still works.
 fn role_cycles_then_hold() {
-    let (sock, pid) = env_paths(SOCK_ENV, PID_ENV);
+    let (sock, pid) = child_paths();
     let before = thread_names().len();
     let mut after_first = 0;
     let mut most = 0;
@@ -121,7 +102,7 @@ fn role_cycles_then_hold() {
         "THREADS {before} {after_first} {most} {last} {signal_threads}"
     ));
     let g = DaemonGuard::acquire(&sock, &pid).expect("acquire after the cycles");
-    report(format!("READY {}", g.pid()));
+    report(ready_line(&g));
     wait_for_stdin_eof();
 }
 
@@ -130,7 +111,7 @@ fn role_cycles_then_hold() {
 /// until then it is a drain that is stuck for as long as the parent likes.
 fn role_graceful() {
     let g = acquire(SignalMode::Graceful);
-    report(format!("READY {}", g.pid()));
+    report(ready_line(&g));
     let requested = g.shutdown().wait_timeout(Duration::from_secs(30));
     let sig = g.shutdown().signal().map_or(-1, |s| s);
     report(format!("SHUTDOWN {requested} {sig}"));
@@ -148,7 +129,7 @@ fn role_graceful() {
 /// that child ended, then holds until end of file on stdin.
 fn role_fork_sleeper() {
     let g = acquire(SignalMode::Exit);
-    report(format!("READY {}", g.pid()));
+    report(ready_line(&g));
     // SAFETY: the forked child only sleeps and calls _exit(2); it touches no
     // lock another thread could have held at the fork.
     match unsafe { nix::unistd::fork() }.expect("fork") {
@@ -179,36 +160,10 @@ fn role_fork_sleeper() {
 // Parent side
 // ---------------------------------------------------------------------------
 
-struct Paths {
-    _dir: tempfile::TempDir,
-    sock: PathBuf,
-    pid: PathBuf,
-    sock2: PathBuf,
-    pid2: PathBuf,
-}
-
-fn paths() -> Paths {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    Paths {
-        sock: d.join("daemon.sock"),
-        pid: d.join("daemon.pid"),
-        sock2: d.join("other/daemon.sock"),
-        pid2: d.join("other/daemon.pid"),
-        _dir: dir,
-    }
-}
-
-fn role(role: &str, p: &Paths) -> ChildSpec {
-    ChildSpec::new(ENTRY, role)
-        .env(SOCK_ENV, &p.sock)
-        .env(PID_ENV, &p.pid)
-        .env(SOCK2_ENV, &p.sock2)
-        .env(PID2_ENV, &p.pid2)
-}
-
+/// Waits for [`ready_line`]: the child holds a guard, and found nothing
+/// stale to reclaim.
 fn expect_ready(child: &ChildProc) {
-    assert_eq!(child.expect_prefixed("READY "), child.pid().to_string());
+    assert_eq!(parse_ready(child), (false, false));
 }
 
 fn assert_present(p: &Paths) {
@@ -216,23 +171,18 @@ fn assert_present(p: &Paths) {
     assert!(dev_ino(&p.pid).is_some(), "PID file missing");
 }
 
-fn assert_gone(p: &Paths) {
-    assert!(dev_ino(&p.sock).is_none(), "socket left behind");
-    assert!(dev_ino(&p.pid).is_none(), "PID file left behind");
-}
-
 /// Sends `sig` to a default-mode daemon blocked in a syscall and checks it
 /// removed its files and died by that very signal.
 fn signal_blocked_daemon(role_name: &str, sig: Signal) {
     let p = paths();
-    let mut daemon = role(role_name, &p).spawn();
+    let mut daemon = p.child(role_name).spawn();
     expect_ready(&daemon);
     assert_present(&p);
     // Let the main thread reach its blocking call.
     std::thread::sleep(Duration::from_millis(20));
     daemon.signal(sig);
     daemon.wait_signaled(sig);
-    assert_gone(&p);
+    p.assert_gone();
     assert!(
         !daemon.transcript().contains("ACCEPTED") && !daemon.transcript().contains("EOF"),
         "the blocking call returned instead of the process ending"
@@ -264,15 +214,21 @@ fn p6_sigterm_and_sigint_while_blocked_in_read() {
 #[test]
 fn p6_one_sigterm_cleans_up_every_guard_in_the_process() {
     let p = paths();
-    let mut daemon = role("two-guards", &p).spawn();
+    let other = p.dir.path().join("other");
+    let (sock2, pid2) = (other.join("daemon.sock"), other.join("daemon.pid"));
+    let mut daemon = p
+        .child("two-guards")
+        .env(SOCK2_ENV, &sock2)
+        .env(PID2_ENV, &pid2)
+        .spawn();
     let pid = daemon.pid();
     assert_eq!(daemon.expect_prefixed("READY "), format!("{pid} {pid}"));
-    for path in [&p.sock, &p.pid, &p.sock2, &p.pid2] {
+    for path in [&p.sock, &p.pid, &sock2, &pid2] {
         assert!(dev_ino(path).is_some(), "{path:?} missing");
     }
     daemon.signal(Signal::SIGTERM);
     daemon.wait_signaled(Signal::SIGTERM);
-    for path in [&p.sock, &p.pid, &p.sock2, &p.pid2] {
+    for path in [&p.sock, &p.pid, &sock2, &pid2] {
         assert!(dev_ino(path).is_none(), "{path:?} left behind");
     }
 }
@@ -283,7 +239,7 @@ fn p6_one_sigterm_cleans_up_every_guard_in_the_process() {
 #[test]
 fn p6_repeated_acquire_drop_keeps_a_single_signal_thread() {
     let p = paths();
-    let mut daemon = role("cycles-then-hold", &p).spawn();
+    let mut daemon = p.child("cycles-then-hold").spawn();
     let rest = daemon.expect_prefixed("THREADS ");
     let n: Vec<usize> = rest
         .split_whitespace()
@@ -297,11 +253,11 @@ fn p6_repeated_acquire_drop_keeps_a_single_signal_thread() {
     );
     assert_eq!(most, after_first, "threads piled up: {rest}");
     assert_eq!(last, after_first, "threads piled up: {rest}");
-    assert_eq!(signal_threads, 1, "one historia-signals thread: {rest}");
+    assert_eq!(signal_threads, 1, "one historia-signal thread: {rest}");
     expect_ready(&daemon);
     daemon.signal(Signal::SIGTERM);
     daemon.wait_signaled(Signal::SIGTERM);
-    assert_gone(&p);
+    p.assert_gone();
 }
 
 /// P6 graceful: the signal wakes `Shutdown` with that signal; the files stay
@@ -311,7 +267,7 @@ fn p6_repeated_acquire_drop_keeps_a_single_signal_thread() {
 fn p6_graceful_signal_wakes_shutdown_and_files_go_at_drop() {
     for sig in [Signal::SIGTERM, Signal::SIGINT] {
         let p = paths();
-        let mut daemon = role("graceful", &p).spawn();
+        let mut daemon = p.child("graceful").spawn();
         expect_ready(&daemon);
         let (sock, pid) = (snapshot(&p.sock), snapshot(&p.pid));
         daemon.signal(sig);
@@ -329,7 +285,7 @@ fn p6_graceful_signal_wakes_shutdown_and_files_go_at_drop() {
         daemon.send_line("drop");
         let code = 128 + sig as i32;
         assert_eq!(daemon.expect_prefixed("DROPPED "), code.to_string());
-        assert_gone(&p);
+        p.assert_gone();
         let status = daemon.wait();
         assert_eq!(status.code(), Some(code), "{sig}: {status}");
     }
@@ -340,7 +296,7 @@ fn p6_graceful_signal_wakes_shutdown_and_files_go_at_drop() {
 #[test]
 fn p6_second_sigterm_during_stuck_drain_forces_exit() {
     let p = paths();
-    let mut daemon = role("graceful", &p).spawn();
+    let mut daemon = p.child("graceful").spawn();
     expect_ready(&daemon);
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.expect_prefixed("SHUTDOWN "), "true 15");
@@ -350,7 +306,7 @@ fn p6_second_sigterm_during_stuck_drain_forces_exit() {
     assert!(!daemon.has_exited());
     daemon.signal(Signal::SIGTERM);
     daemon.wait_signaled(Signal::SIGTERM);
-    assert_gone(&p);
+    p.assert_gone();
 }
 
 /// P6: SIGTERM to a forked child (no exec) of the daemon kills that child
@@ -358,7 +314,7 @@ fn p6_second_sigterm_during_stuck_drain_forces_exit() {
 #[test]
 fn p6_signal_to_forked_child_leaves_parents_files() {
     let p = paths();
-    let mut daemon = role("fork-sleeper", &p).spawn();
+    let mut daemon = p.child("fork-sleeper").spawn();
     expect_ready(&daemon);
     let (sock, pid) = (snapshot(&p.sock), snapshot(&p.pid));
     let forked: u32 = daemon.expect_prefixed("FORKED ").parse().unwrap();
@@ -376,7 +332,6 @@ fn p6_signal_to_forked_child_leaves_parents_files() {
     assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
     assert!(!daemon.has_exited());
 
-    daemon.close_stdin();
-    daemon.wait_success();
-    assert_gone(&p);
+    daemon.stop();
+    p.assert_gone();
 }

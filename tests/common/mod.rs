@@ -1,28 +1,36 @@
-//! Child processes for multi-process tests, each watched by a watchdog.
+//! Child processes for multi-process tests, each watched by a watchdog, and
+//! the file and `/proc` helpers those tests assert with.
 //!
 //! Anything about processes, races, signals or crashes must run in real
-//! processes, not threads: a flock, a signal disposition or a `fork(2)` is
-//! per process. These helpers re-run the current test binary as a child that
-//! plays one *role*, and let the parent talk to it over stdin/stdout.
+//! processes, not threads: a flock, a signal disposition, a umask or a
+//! `fork(2)` is per process. These helpers re-run the current test binary as
+//! a child that plays one *role*, and let the parent talk to it over
+//! stdin/stdout. This is the one way the tests start children of their own
+//! (only `e2e` also runs the example programs, which speak no protocol).
 //!
 //! # Parent side
 //! ```ignore
-//! let mut child = ChildSpec::new("child_process_entry", "hold")
-//!     .env("HISTORIA_SOCK", &sock)
+//! let p = paths();                          // tempdir with daemon.sock/.pid
+//! let mut child = p.child("hold")           // role "hold", paths in its env
+//!     .env("HISTORIA_TEST_MODE", "660")
 //!     .spawn();
-//! let line = child.expect_line();          // e.g. "READY 1234"
-//! child.send_line("drop");                 // its stdin
-//! let status = child.wait();               // reaped, with a deadline
+//! let line = child.expect_line();           // e.g. "READY 1234 false false"
+//! child.send_line("drop");                  // its stdin
+//! child.stop();                             // end of file on stdin, exit 0
 //! ```
+//! A child that only checks something and ends is run with
+//! [`ChildSpec::run`], which returns what it reported; [`ChildSpec::user`]
+//! runs it as another user (root bypasses permissions, so the permission
+//! tests use [`NOBODY`]).
 //!
 //! # Child side
-//! Each test file has one dispatcher test that does nothing unless the marker
-//! variable [`CHILD_ENV`] is set:
+//! Each test file has one dispatcher test, named [`ENTRY`], that does nothing
+//! unless the marker variable [`CHILD_ENV`] is set:
 //! ```ignore
 //! #[test]
 //! fn child_process_entry() {
 //!     common::child_main(|role| match role {
-//!         "hold" => { /* ... */ common::report("READY 42"); }
+//!         "hold" => common::role_hold(),
 //!         other => panic!("unknown role {other}"),
 //!     });
 //! }
@@ -32,11 +40,21 @@
 //! straight to the pipe.
 //!
 //! # Protocol
-//! libtest writes its own chatter to stdout ("running 1 test", "test x ... "
-//! without a newline). [`report`] therefore writes each message on a line of
-//! its own, starting with [`MARKER`]; the parent keeps only such lines.
-//! Everything else the child writes (libtest output, stderr with panic
-//! messages) is kept and shown when a parent-side expectation fails.
+//! - A child tells its parent things with [`report`]: one line each.
+//!   libtest writes its own chatter to stdout ("running 1 test", "test x ... "
+//!   without a newline), so each message starts with [`MARKER`] on a line of
+//!   its own and the parent keeps only such lines. Everything else the child
+//!   writes (libtest output, stderr with panic messages) is kept and shown
+//!   when a parent-side expectation fails.
+//! - A child that is ready (listening, holding a guard, ...) reports so; the
+//!   parent waits for that line ([`ChildProc::expect_line`]).
+//! - A child that must stay alive until the parent is done blocks in
+//!   [`wait_for_stdin_eof`]; the parent releases it by closing its stdin
+//!   ([`ChildProc::close_stdin`], [`ChildProc::stop`]).
+//! - When the role returns, [`child_main`] reports [`DONE`]. The parent's
+//!   [`ChildProc::finish`] requires it, so a child that ran no test at all (a
+//!   misspelt dispatcher name also exits 0) cannot pass for one whose checks
+//!   all held.
 //!
 //! # Watchdog
 //! Every child gets a deadline (default [`DEFAULT_DEADLINE`]). A watchdog
@@ -52,17 +70,20 @@
 //! binary crashes. Spawn them from the test's own thread, which lives as long
 //! as the test. (Grandchildren a role spawns are not covered.)
 
-// Each test binary compiles this module and uses only some of it.
+// Every test binary compiles its own copy of this module and uses a
+// different part of it (e2e only the paths, probe no guard roles, ...);
+// marking each item for the binaries that skip it would be noise.
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::RawFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -70,15 +91,30 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use historia_lifecycle::{DaemonGuard, DaemonGuardBuilder, FileKind, LifecycleError, SignalMode};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 /// The marker environment variable: set to the role a child plays.
 pub const CHILD_ENV: &str = "HISTORIA_CHILD";
+/// The name of the dispatcher test in every test file that has child roles.
+pub const ENTRY: &str = "child_process_entry";
 /// Prefix of every line a child reports to its parent.
 pub const MARKER: &str = "@@historia-child@@ ";
+/// The last report line of a child whose role returned.
+pub const DONE: &str = "DONE";
 /// How long a child may live before the watchdog kills it.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(20);
+/// uid and gid of the unprivileged user ("nobody") permission tests run as.
+pub const NOBODY: u32 = 65534;
+/// The socket path a [`Paths::child`] gets.
+pub const SOCK_ENV: &str = "HISTORIA_TEST_SOCK";
+/// The PID file path a [`Paths::child`] gets.
+pub const PID_ENV: &str = "HISTORIA_TEST_PID";
+/// Optional, for [`role_hold`]: socket mode in octal, e.g. "660".
+pub const MODE_ENV: &str = "HISTORIA_TEST_MODE";
+/// Optional, for [`role_hold`]: umask in octal, set before acquiring.
+pub const UMASK_ENV: &str = "HISTORIA_TEST_UMASK";
 
 // ---------------------------------------------------------------------------
 // Child side
@@ -90,10 +126,11 @@ pub fn child_role() -> Option<String> {
 }
 
 /// Body of the dispatcher test: runs `dispatch(role)` when this process is a
-/// child, and does nothing in a normal test run.
+/// child, then reports [`DONE`]; does nothing in a normal test run.
 pub fn child_main(dispatch: impl FnOnce(&str)) {
     if let Some(role) = child_role() {
         dispatch(&role);
+        report(DONE);
     }
 }
 
@@ -109,6 +146,22 @@ pub fn report(msg: impl AsRef<str>) {
 /// Reads an environment variable the parent must have set.
 pub fn env_required(key: &str) -> OsString {
     std::env::var_os(key).unwrap_or_else(|| panic!("child needs ${key}"))
+}
+
+/// Reads a path from an environment variable the parent must have set.
+pub fn env_path(key: &str) -> PathBuf {
+    PathBuf::from(env_required(key))
+}
+
+/// Reads an optional octal number (a mode, a umask) from the environment.
+pub fn env_octal(key: &str) -> Option<u32> {
+    let v = std::env::var(key).ok()?;
+    Some(u32::from_str_radix(&v, 8).unwrap_or_else(|_| panic!("${key}={v:?} is not octal")))
+}
+
+/// The socket and PID file paths a [`Paths::child`] was given.
+pub fn child_paths() -> (PathBuf, PathBuf) {
+    (env_path(SOCK_ENV), env_path(PID_ENV))
 }
 
 /// Reads one line from stdin without its newline; `None` at end of file.
@@ -128,28 +181,102 @@ pub fn wait_for_stdin_eof() {
     let _ = std::io::stdin().lock().read_to_end(&mut sink);
 }
 
+/// A bare daemon: a plain listener at `path` (no guard, no PID file, no
+/// lock) that never accepts. Reports `LISTENING`, then holds the listener
+/// until end of file on stdin.
+pub fn serve_bare_listener(path: &Path) {
+    let listener = UnixListener::bind(path)
+        .unwrap_or_else(|e| panic!("bind a bare listener at {}: {e}", path.display()));
+    report("LISTENING");
+    wait_for_stdin_eof();
+    drop(listener);
+}
+
+/// The line a child reports once it holds a guard: "READY <pid> <reclaimed
+/// stale socket> <reclaimed stale PID file>"; see [`parse_ready`].
+pub fn ready_line(g: &DaemonGuard) -> String {
+    format!(
+        "READY {} {} {}",
+        g.pid(),
+        g.reclaimed_stale_socket(),
+        g.reclaimed_stale_pid_file()
+    )
+}
+
+/// Reports the outcome of a failed acquire in a form the parent can count.
+pub fn refusal_line(e: &LifecycleError) -> String {
+    if matches!(e, LifecycleError::AlreadyRunning) {
+        "REFUSED AlreadyRunning".into()
+    } else {
+        format!("ERROR {e:?}")
+    }
+}
+
+/// A builder for [`child_paths`], with the socket mode from [`MODE_ENV`] if
+/// set, and the default signal handling.
+pub fn builder_from_env() -> DaemonGuardBuilder {
+    let (sock, pid) = child_paths();
+    let mut b = DaemonGuard::builder(sock, pid);
+    if let Some(mode) = env_octal(MODE_ENV) {
+        b = b.socket_mode(mode);
+    }
+    b
+}
+
+/// The `hold` role: acquires (mode and umask from the environment) and
+/// reports [`ready_line`] or [`refusal_line`]; then obeys stdin: `drop`,
+/// `close`, or end of file (return, dropping a guard still held).
+pub fn role_hold() {
+    if let Some(mask) = env_octal(UMASK_ENV) {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+    }
+    let mut guard = match builder_from_env().acquire() {
+        Ok(g) => {
+            report(ready_line(&g));
+            Some(g)
+        }
+        Err(e) => {
+            report(refusal_line(&e));
+            return;
+        }
+    };
+    while let Some(cmd) = read_stdin_line() {
+        match cmd.as_str() {
+            "drop" => {
+                drop(guard.take().expect("a guard to drop"));
+                report("DROPPED");
+            }
+            "close" => {
+                let r = guard.take().expect("a guard to close").close();
+                report(format!("CLOSED {r:?}"));
+            }
+            other => panic!("unknown command {other:?}"),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Parent side
 // ---------------------------------------------------------------------------
 
-/// How to start a child: the dispatcher test's name, the role, its
-/// environment and stdin.
-#[must_use = "call .spawn() to start the child"]
+/// How to start a child: the role, its environment, user and stdin.
+#[must_use = "call .spawn() or .run() to start the child"]
 pub struct ChildSpec {
-    entry: String,
     role: String,
-    envs: Vec<(OsString, OsString)>,
+    /// `None` removes the variable.
+    envs: Vec<(OsString, Option<OsString>)>,
+    user: Option<u32>,
     stdin: Option<Stdio>,
     deadline: Duration,
 }
 
 impl ChildSpec {
-    /// A child that runs the test `entry` (the dispatcher) with role `role`.
-    pub fn new(entry: &str, role: &str) -> Self {
+    /// A child that runs the dispatcher test [`ENTRY`] with role `role`.
+    pub fn new(role: &str) -> Self {
         ChildSpec {
-            entry: entry.to_string(),
             role: role.to_string(),
             envs: Vec::new(),
+            user: None,
             stdin: None,
             deadline: DEFAULT_DEADLINE,
         }
@@ -158,7 +285,22 @@ impl ChildSpec {
     /// Sets an environment variable in the child.
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.envs
-            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+            .push((key.as_ref().to_owned(), Some(value.as_ref().to_owned())));
+        self
+    }
+
+    /// Removes an environment variable the child would inherit.
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
+        self.envs.push((key.as_ref().to_owned(), None));
+        self
+    }
+
+    /// Runs the child with this uid and the same gid (no supplementary
+    /// groups), from `/` so that user can start it whatever our own working
+    /// directory is. Only root can do this; paths the child uses must be
+    /// reachable by that user (e.g. tempdirs in /tmp with mode 0755).
+    pub fn user(mut self, uid: u32) -> Self {
+        self.user = Some(uid);
         self
     }
 
@@ -183,11 +325,22 @@ impl ChildSpec {
     pub fn spawn(self) -> ChildProc {
         let exe = std::env::current_exe().expect("path of the test binary");
         let mut cmd = Command::new(exe);
-        cmd.args(["--exact", &self.entry, "--nocapture", "--test-threads=1"])
+        cmd.args(["--exact", ENTRY, "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, &self.role)
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        for (key, value) in &self.envs {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
+        if let Some(id) = self.user {
+            // std switches the ids before it runs the pre_exec hook below, so
+            // the parent-death signal (which a credential change would clear)
+            // is set as the new user.
+            cmd.uid(id).gid(id).current_dir("/");
+        }
         let piped_stdin = self.stdin.is_none();
         cmd.stdin(self.stdin.unwrap_or_else(Stdio::piped));
         // A child must not outlive its test, even one that crashed or hung
@@ -252,6 +405,15 @@ impl ChildSpec {
             _stop_watchdog: stop_tx,
             status: None,
         }
+    }
+
+    /// Runs a child that checks something and ends: spawns it with stdin
+    /// closed (so it never waits for the parent), then [`ChildProc::finish`].
+    /// Returns the lines it reported before [`DONE`].
+    pub fn run(self) -> Vec<String> {
+        let mut child = self.spawn();
+        child.close_stdin();
+        child.finish()
     }
 }
 
@@ -432,6 +594,32 @@ impl ChildProc {
         }
     }
 
+    /// Closes the child's stdin and asserts it then exits with status 0: the
+    /// normal end of a child blocked in [`wait_for_stdin_eof`].
+    pub fn stop(&mut self) {
+        self.close_stdin();
+        self.wait_success();
+    }
+
+    /// Reads the child's remaining report lines up to [`DONE`] and asserts it
+    /// exits with status 0; returns the lines before [`DONE`].
+    ///
+    /// # Panics
+    /// When the child ends without reporting [`DONE`] (its role panicked, or
+    /// it never ran), fails, or outlives its deadline.
+    pub fn finish(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.expect_line();
+            if line == DONE {
+                break;
+            }
+            lines.push(line);
+        }
+        self.wait_success();
+        lines
+    }
+
     /// Waits for the child and asserts it was killed by `signal`.
     pub fn wait_signaled(&mut self, signal: Signal) {
         let status = self.wait();
@@ -448,6 +636,68 @@ impl Drop for ChildProc {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Parses [`ready_line`]: "READY <pid> <reclaimed socket> <reclaimed PID
+/// file> ..."; checks the PID is the child's and returns the two flags.
+pub fn parse_ready(child: &ChildProc) -> (bool, bool) {
+    let rest = child.expect_prefixed("READY ");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    assert_eq!(
+        f[0],
+        child.pid().to_string(),
+        "the guard reports the child's PID: {rest}"
+    );
+    (f[1] == "true", f[2] == "true")
+}
+
+// ---------------------------------------------------------------------------
+// A test's socket and PID file
+// ---------------------------------------------------------------------------
+
+/// A fresh tempdir with a socket and a PID file path in it, named as the
+/// crate's defaults.
+pub struct Paths {
+    /// Held so the directory lives as long as the test.
+    pub dir: tempfile::TempDir,
+    pub sock: PathBuf,
+    pub pid: PathBuf,
+}
+
+/// A fresh [`Paths`].
+pub fn paths() -> Paths {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("daemon.sock");
+    let pid = dir.path().join("daemon.pid");
+    Paths { dir, sock, pid }
+}
+
+impl Paths {
+    /// A child playing `role` with these paths in [`SOCK_ENV`] and
+    /// [`PID_ENV`] (read back with [`child_paths`]).
+    pub fn child(&self, role: &str) -> ChildSpec {
+        ChildSpec::new(role)
+            .env(SOCK_ENV, &self.sock)
+            .env(PID_ENV, &self.pid)
+    }
+
+    /// Acquires in the test process itself, with `SignalMode::Off` so the
+    /// harness never gets the crate's signal handlers.
+    pub fn acquire_here(&self) -> Result<DaemonGuard, LifecycleError> {
+        DaemonGuard::builder(&self.sock, &self.pid)
+            .signals(SignalMode::Off)
+            .acquire()
+    }
+
+    /// Asserts neither the socket nor the PID file exists.
+    pub fn assert_gone(&self) {
+        assert_absent(&[&self.sock, &self.pid]);
+    }
+
+    /// [`tree_snapshot`] of the whole directory.
+    pub fn tree(&self) -> BTreeMap<PathBuf, FileSnapshot> {
+        tree_snapshot(self.dir.path())
     }
 }
 
@@ -498,6 +748,16 @@ pub fn thread_names() -> Vec<String> {
         .collect()
 }
 
+/// The crate's signal helper thread as `/proc/<pid>/task/*/comm`, ps and
+/// top show it: the kernel keeps 15 bytes of a thread name (TASK_COMM_LEN 16
+/// with the NUL), and the crate names it with exactly those 15 bytes.
+pub const SIGNAL_THREAD_COMM: &str = "historia-signal";
+
+/// Whether a name from [`thread_names`] is the crate's signal helper thread.
+pub fn is_signal_thread(comm: &str) -> bool {
+    comm == SIGNAL_THREAD_COMM
+}
+
 /// Whether a process with this PID exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -514,7 +774,8 @@ pub fn process_alive(pid: u32) -> bool {
 // ---------------------------------------------------------------------------
 
 /// What identifies a file's state on disk: a changed byte, a rename over it,
-/// a rewrite or a chmod shows up in one of the fields.
+/// a rewrite, a chmod, a chown or a retargeted symlink shows up in one of
+/// the fields. Nothing in it moves when the file is only read or probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileSnapshot {
     /// Device and inode.
@@ -528,8 +789,12 @@ pub struct FileSnapshot {
     pub ctime: (i64, i64),
     /// Hard link count.
     pub nlink: u64,
+    /// Owner.
+    pub uid: u32,
     /// The content, for regular files.
     pub bytes: Option<Vec<u8>>,
+    /// The target, for symlinks.
+    pub link: Option<PathBuf>,
 }
 
 /// Snapshots the file at `path` without following a symlink.
@@ -538,19 +803,91 @@ pub struct FileSnapshot {
 /// When nothing is at `path`.
 pub fn snapshot(path: &Path) -> FileSnapshot {
     let m = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()));
+    let kind = m.file_type();
     FileSnapshot {
         dev_ino: (m.dev(), m.ino()),
         mode: m.mode(),
         mtime: (m.mtime(), m.mtime_nsec()),
         ctime: (m.ctime(), m.ctime_nsec()),
         nlink: m.nlink(),
-        bytes: m.is_file().then(|| fs::read(path).expect("read file")),
+        uid: m.uid(),
+        bytes: kind.is_file().then(|| fs::read(path).expect("read file")),
+        link: kind
+            .is_symlink()
+            .then(|| fs::read_link(path).expect("read symlink")),
     }
+}
+
+/// A [`snapshot`] of `root` and of every path below it (not following
+/// symlinks): proves a whole directory untouched.
+pub fn tree_snapshot(root: &Path) -> BTreeMap<PathBuf, FileSnapshot> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(path) = todo.pop() {
+        let snap = snapshot(&path);
+        if fs::symlink_metadata(&path).expect("lstat").is_dir() {
+            for entry in fs::read_dir(&path).expect("read_dir") {
+                todo.push(entry.expect("dir entry").path());
+            }
+        }
+        out.insert(path, snap);
+    }
+    out
 }
 
 /// Device and inode of `path` (not following a symlink), if anything is there.
 pub fn dev_ino(path: &Path) -> Option<(u64, u64)> {
     fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Asserts nothing at all (not even a dangling symlink) is at any of `paths`.
+pub fn assert_absent(paths: &[&Path]) {
+    for path in paths {
+        assert!(dev_ino(path).is_none(), "{} is still there", path.display());
+    }
+}
+
+/// Whether `path` (not followed) is a socket file.
+pub fn is_socket(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Sets the permission bits of `path` (following a symlink).
+pub fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// A tempdir that passes as a private runtime dir (`$XDG_RUNTIME_DIR`,
+/// `$TMPDIR`): mode 0700 and ours. (tempfile leaves the mode to the umask.)
+pub fn private_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    chmod(dir.path(), 0o700);
+    dir
+}
+
+/// Asserts `e` is `UnexpectedFileType` for exactly `path`, expecting
+/// `expected` and finding `found`, with a message that names the path.
+pub fn assert_wrong_type(path: &Path, expected: FileKind, found: FileKind, e: LifecycleError) {
+    match &e {
+        LifecycleError::UnexpectedFileType {
+            path: p,
+            expected: exp,
+            found: got,
+        } => {
+            assert_eq!(p, path, "{e}");
+            assert_eq!((*exp, *got), (expected, found), "{e}");
+        }
+        other => panic!(
+            "{}: expected UnexpectedFileType, got {other:?}",
+            path.display()
+        ),
+    }
+    assert_eq!(e.path(), Some(path));
+    assert!(
+        e.to_string().contains(&path.display().to_string()),
+        "message does not name the path: {e}"
+    );
 }
 
 /// Permission bits of `path` (not following a symlink).
