@@ -21,7 +21,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use historia_lifecycle::{probe_socket, running_pid, signal_daemon};
+use historia_lifecycle::{probe_socket, running_pid, signal_daemon, LifecycleError};
 use nix::libc;
 
 #[path = "shared/cli.rs"]
@@ -107,6 +107,11 @@ fn status(socket: &Path, pid_path: &Path) -> i32 {
             return EXIT_RUNNING;
         }
         Ok(None) => {}
+        Err(e @ LifecycleError::HolderUnknown { .. }) => {
+            // Held, but not by a process we can name: running all the same.
+            println!("running (pid unknown: {e})");
+            return EXIT_RUNNING;
+        }
         Err(e) => {
             report("ctl", &e);
             return EXIT_STATUS_UNKNOWN;

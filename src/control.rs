@@ -19,12 +19,15 @@ use crate::pidfile::running_pid;
 /// Elsewhere `kill(2)` follows the check, with the usual tiny window.
 ///
 /// # Errors
+/// - [`LifecycleError::HolderUnknown`] when the claim is held but its holder
+///   cannot be named; nothing is signalled.
 /// - As [`running_pid`]: [`LifecycleError::UnexpectedFileType`],
 ///   [`LifecycleError::PidFile`], [`LifecycleError::Io`] when the PID file
 ///   cannot be read.
 /// - [`LifecycleError::Io`] when the signal cannot be sent (`EPERM`: the
 ///   daemon belongs to another user; `EINVAL`: not a signal number).
 ///
+/// [`LifecycleError::HolderUnknown`]: crate::LifecycleError::HolderUnknown
 /// [`LifecycleError::UnexpectedFileType`]: crate::LifecycleError::UnexpectedFileType
 /// [`LifecycleError::PidFile`]: crate::LifecycleError::PidFile
 /// [`LifecycleError::Io`]: crate::LifecycleError::Io

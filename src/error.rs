@@ -107,6 +107,16 @@ pub enum LifecycleError {
         reason: String,
     },
 
+    /// The claim on a PID file is held, but no live process holding it can
+    /// be named: the process that locked it exited while a child it forked
+    /// (without `exec`) keeps the lock, or the holder runs in another PID
+    /// namespace. Treat the daemon as running; signal nothing.
+    #[error("{path}: the claim is held, but no live process holding it can be identified")]
+    HolderUnknown {
+        /// The PID file.
+        path: PathBuf,
+    },
+
     /// Installing the SIGTERM/SIGINT handling failed.
     #[error("cannot install the SIGTERM/SIGINT handlers")]
     Signals(#[source] io::Error),
@@ -131,6 +141,7 @@ impl LifecycleError {
                 .and_then(|inner| inner.downcast_ref::<PathError>())
                 .map(|p| p.path.as_path()),
             LifecycleError::UnexpectedFileType { path, .. }
+            | LifecycleError::HolderUnknown { path }
             | LifecycleError::PathTooLong { path, .. }
             | LifecycleError::InsecureDir { path, .. } => Some(path),
             _ => None,

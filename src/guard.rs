@@ -285,26 +285,25 @@ impl DaemonGuardBuilder {
         }
 
         let pid = std::process::id();
-        let claim = claim(&pid_path, pid)?;
+        // Under the claim, before a stale PID file goes: clear a provably
+        // stale socket; refuse if someone serves there without our lock (an
+        // older version, an unrelated program), touching nothing of theirs.
+        let (claim, reclaimed_socket) = claim(&pid_path, pid, || {
+            let probed = probe(&socket_path)?;
+            match probed.state {
+                SocketState::Absent => Ok(false),
+                SocketState::Listening | SocketState::Busy => Err(LifecycleError::AlreadyRunning),
+                SocketState::Stale => match probed.dev_ino {
+                    Some(id) => remove_if_same(&socket_path, id, "remove stale socket"),
+                    None => Ok(false),
+                },
+            }
+        })?;
         // Until the guard exists, undo what we placed if a later step fails.
         let undo_pid = scopeguard::guard((), |()| {
             let _ = remove_if_same(&pid_path, claim.dev_ino, "remove PID file");
         });
 
-        // Under the claim: clear a provably stale socket, then bind.
-        let probed = probe(&socket_path)?;
-        let reclaimed_socket = match probed.state {
-            SocketState::Absent => false,
-            // Someone serves there without our lock (an older version, an
-            // unrelated program): not ours to take over.
-            SocketState::Listening | SocketState::Busy => {
-                return Err(LifecycleError::AlreadyRunning)
-            }
-            SocketState::Stale => match probed.dev_ino {
-                Some(id) => remove_if_same(&socket_path, id, "remove stale socket")?,
-                None => false,
-            },
-        };
         let (listener, socket_id) = bind_socket(&socket_path, self.socket_mode, self.backlog)?;
         let undo_socket = scopeguard::guard((), |()| {
             let _ = remove_if_same(&socket_path, socket_id, "remove socket");

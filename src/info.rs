@@ -63,8 +63,10 @@ impl DaemonInfo {
     /// while probing (permission denied, a non-socket at the path) count as
     /// not running.
     pub fn is_running(&self) -> bool {
-        matches!(running_pid(&self.pid_path), Ok(Some(_)))
-            || probe_socket(&self.socket_path).is_ok_and(SocketState::is_live)
+        matches!(
+            running_pid(&self.pid_path),
+            Ok(Some(_)) | Err(LifecycleError::HolderUnknown { .. })
+        ) || probe_socket(&self.socket_path).is_ok_and(SocketState::is_live)
     }
 
     /// Removes the daemon's leftover socket and PID file, after a crash.

@@ -130,14 +130,21 @@ pub fn cleanup_pid_file(pid_path: &Path) -> Result<()> {
 /// a recycled PID, because the claim is a flock that dies with its holder.
 ///
 /// On Linux the holder comes from `/proc/locks` (`proc(5)`), which reads the
-/// lock without taking it. Elsewhere a shared trial `flock(2)` tells whether
-/// the claim is held, and the PID comes from the file; for that instant a
-/// racing `acquire` could be refused.
+/// lock without taking it, and counts only if `/proc/<pid>/fd` shows that
+/// process still has the PID file open. When `/proc/locks` names no live
+/// holder (or on other platforms), a shared trial `flock(2)` tells whether the
+/// claim is held, and the PID comes from the file, checked the same way on
+/// Linux. For the instant of that trial lock, an `acquire` racing it could be
+/// refused.
 ///
 /// # Errors
-/// As [`read_pid_file`]: [`LifecycleError::PidFile`] when the claim is held
-/// but the file's content is not a PID (only where `/proc/locks` is missing),
-/// [`LifecycleError::UnexpectedFileType`] and [`LifecycleError::Io`].
+/// - [`LifecycleError::HolderUnknown`] when the claim is held but no live
+///   process that holds it can be named: the locker exited and a child it
+///   forked (without `exec`) keeps the lock, or the holder lives in another
+///   PID namespace. Do not start, and do not signal anything.
+/// - As [`read_pid_file`]: [`LifecycleError::PidFile`] when the claim is held
+///   but the file's content is not a PID, [`LifecycleError::UnexpectedFileType`]
+///   and [`LifecycleError::Io`].
 ///
 /// ```
 /// use historia_lifecycle::{running_pid, DaemonGuard, LifecycleError};
@@ -154,15 +161,34 @@ pub fn running_pid(pid_path: &Path) -> Result<Option<u32>> {
     let Some(mut file) = open_pid_file(pid_path)? else {
         return Ok(None);
     };
-    match crate::sys::flock_holder(&file) {
-        Ok(None) => Ok(None),
-        Ok(Some(0)) => parse_file(&mut file, pid_path).map(Some),
-        Ok(Some(holder)) => Ok(Some(holder)),
-        Err(()) => match file.try_lock_shared() {
-            Ok(()) => Ok(None), // nobody holds it; closing the file unlocks
-            Err(TryLockError::WouldBlock) => parse_file(&mut file, pid_path).map(Some),
-            Err(TryLockError::Error(e)) => Err(io_at("lock PID file", pid_path, e)),
-        },
+    let meta = file
+        .metadata()
+        .map_err(|e| io_at("examine PID file", pid_path, e))?;
+    let id = (meta.dev(), meta.ino());
+    // A PID counts only if that process still has the file open: the lock
+    // table and the file may name a process that is gone.
+    let holds = |pid: u32| crate::sys::process_has_open(pid, id) != Some(false);
+    if let Ok(Some(holder)) = crate::sys::flock_holder(&file) {
+        if holder > 0 && holds(holder) {
+            return Ok(Some(holder));
+        }
+    }
+    // No live holder in /proc/locks: none at all, one in another PID
+    // namespace (hidden there), or a lock kept by a forked child after the
+    // locker exited. The lock itself tells which.
+    match file.try_lock_shared() {
+        Ok(()) => Ok(None), // nobody holds it; closing the file unlocks
+        Err(TryLockError::WouldBlock) => {
+            let pid = parse_file(&mut file, pid_path)?;
+            if holds(pid) {
+                Ok(Some(pid))
+            } else {
+                Err(LifecycleError::HolderUnknown {
+                    path: pid_path.to_path_buf(),
+                })
+            }
+        }
+        Err(TryLockError::Error(e)) => Err(io_at("lock PID file", pid_path, e)),
     }
 }
 
@@ -195,15 +221,29 @@ pub(crate) struct Claim {
 ///    only if the path still names the inode we locked, the stale file is
 ///    unlinked; then back to step 2.
 ///
+/// `under_claim` (the guard's socket probe) runs once while we hold a claim:
+/// a dead holder's lock, before its file goes, or our own placed file. If it
+/// fails (a daemon that does not use the lock serves on the socket), the
+/// stale PID file stays as it was, and ours is taken back.
+///
 /// Every file that can be at the path is locked by a live process or
 /// provably stale, and only a no-replace link puts a file there, so two
 /// racers cannot both win.
-pub(crate) fn claim(pid_path: &Path, pid: u32) -> Result<Claim> {
+pub(crate) fn claim<T>(
+    pid_path: &Path,
+    pid: u32,
+    mut under_claim: impl FnMut() -> Result<T>,
+) -> Result<(Claim, T)> {
+    // `under_claim` runs exactly once, while we hold either a dead holder's
+    // lock (before its file is removed) or our own placed file; if it fails,
+    // the stale file is left as it was and our own is taken back.
+    let mut checked: Option<T> = None;
+
     // Fast refusal: when a live holder is there (the common way to lose),
-    // say so before creating anything. A stale file found here is cleared
-    // under its lock, as in step 4.
+    // say so before creating anything.
     let mut reclaimed = false;
     if let Some((stale, id)) = lock_existing(pid_path)? {
+        checked = Some(under_claim()?);
         reclaimed = remove_if_same(pid_path, id, "remove stale PID file")?;
         drop(stale);
     }
@@ -234,16 +274,26 @@ pub(crate) fn claim(pid_path: &Path, pid: u32) -> Result<Claim> {
     for _ in 0..64 {
         match fresh.place(pid_path) {
             Ok(file) => {
-                return Ok(Claim {
+                let checked = match checked {
+                    Some(t) => t,
+                    None => under_claim().inspect_err(|_| {
+                        let _ = remove_if_same(pid_path, ours, "remove PID file");
+                    })?,
+                };
+                let claim = Claim {
                     file,
                     dev_ino: ours,
                     reclaimed,
-                })
+                };
+                return Ok((claim, checked));
             }
             Err((back, e)) if e.kind() == io::ErrorKind::AlreadyExists => fresh = back,
             Err((_, e)) => return Err(io_at("create PID file", pid_path, e)),
         }
         if let Some((stale, id)) = lock_existing(pid_path)? {
+            if checked.is_none() {
+                checked = Some(under_claim()?);
+            }
             reclaimed |= remove_if_same(pid_path, id, "remove stale PID file")?;
             drop(stale);
         }

@@ -226,6 +226,30 @@ fn kill_if(
     Ok(true)
 }
 
+/// Whether process `pid` has the file `dev_ino` open, from `/proc/<pid>/fd`.
+/// A lock holder always has its PID file open, so this tells a live holder
+/// from a PID that `/proc/locks` or the file still names after its process
+/// exited (the lock kept by a forked child) or was recycled. `None` where it
+/// cannot tell: no `/proc`, or another user's process.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn process_has_open(pid: u32, dev_ino: (u64, u64)) -> Option<bool> {
+    let entries = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(false),
+        Err(_) => return None,
+    };
+    let found = entries.flatten().any(|entry| {
+        // metadata() follows the magic link to the open file itself.
+        std::fs::metadata(entry.path()).is_ok_and(|m| (m.dev(), m.ino()) == dev_ino)
+    });
+    Some(found)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn process_has_open(_pid: u32, _dev_ino: (u64, u64)) -> Option<bool> {
+    None
+}
+
 /// Which process holds the exclusive flock on `file`, when the kernel can say.
 ///
 /// Linux lists every flock in `/proc/locks` with the locker's PID and the
