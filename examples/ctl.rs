@@ -226,7 +226,16 @@ fn request(socket: &Path, command: &str) -> io::Result<String> {
     stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
     writeln!(stream, "{command}")?;
     let mut reply = String::new();
-    BufReader::new(stream.take(MAX_REPLY)).read_line(&mut reply)?;
+    BufReader::new(stream.take(MAX_REPLY))
+        .read_line(&mut reply)
+        .map_err(|e| match e.kind() {
+            // A read timeout shows up as EAGAIN: say what it means.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no reply within {REPLY_TIMEOUT:?} (is the daemon hung or stopped?)"),
+            ),
+            _ => e,
+        })?;
     if reply.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,

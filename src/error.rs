@@ -29,9 +29,9 @@ pub type Result<T, E = LifecycleError> = std::result::Result<T, E>;
 /// assert_eq!(exit_code(&LifecycleError::AlreadyRunning), 3);
 /// ```
 ///
-/// Messages are lowercase, name the path and the operation, and leave the OS
-/// error to [`std::error::Error::source`]; print the chain (for example with
-/// `anyhow`'s `{:#}`) to see both.
+/// Messages are lowercase; a message about a path names the path and the
+/// operation, and leaves the OS error to [`std::error::Error::source`]; print
+/// the chain (for example with `anyhow`'s `{:#}`) to see both.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LifecycleError {

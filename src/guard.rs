@@ -249,7 +249,8 @@ impl DaemonGuardBuilder {
         self
     }
 
-    /// `listen(2)` backlog; default [`DEFAULT_BACKLOG`] (128).
+    /// `listen(2)` backlog; default [`DEFAULT_BACKLOG`] (128). A negative value,
+    /// or one above the system's `SOMAXCONN`, means `SOMAXCONN`.
     pub fn backlog(mut self, backlog: i32) -> Self {
         self.backlog = backlog;
         self

@@ -50,7 +50,7 @@
 //!
 //! # Security
 //! Put the socket and PID file in a private runtime dir: [`runtime_dir`]
-//! gives `$XDG_RUNTIME_DIR/<app>` or `/tmp/<app>-<uid>`, mode 0700, and
+//! gives `$XDG_RUNTIME_DIR/<app>` or `${TMPDIR:-/tmp}/<app>-<uid>`, mode 0700, and
 //! refuses one owned by someone else or open to others, as tmux does. Every
 //! descriptor is opened close-on-exec, and the PID file is never written
 //! through a symlink.

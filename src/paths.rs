@@ -84,6 +84,7 @@ pub fn ensure_dir(path: &Path) -> Result<()> {
 /// let dir = historia_lifecycle::runtime_dir("historia-doctest")?;
 /// let socket = dir.join(historia_lifecycle::DEFAULT_SOCKET_NAME);
 /// assert!(socket.starts_with(&dir));
+/// # std::fs::remove_dir(&dir).ok(); // a doctest leaves nothing behind
 /// # Ok::<(), historia_lifecycle::LifecycleError>(())
 /// ```
 pub fn runtime_dir(app: &str) -> Result<PathBuf> {

@@ -39,6 +39,11 @@ use crate::guard::OwnedFiles;
 /// Once installed, the action stays for the life of the process. With no guard
 /// alive it emulates the default action (terminate), as if it were not there.
 ///
+/// # Other signals
+/// Only SIGTERM and SIGINT are handled. SIGHUP and SIGQUIT keep their
+/// defaults (many daemons use SIGHUP to reload): they end the process without
+/// cleanup, like SIGKILL, and the next start reclaims the files.
+///
 /// # Across `fork`
 /// A child created with `fork(2)` (without `exec`) inherits the handler but is
 /// not the guard's owner: on SIGTERM/SIGINT it takes the default action and
