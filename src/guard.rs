@@ -74,6 +74,9 @@ pub const DEFAULT_BACKLOG: i32 = 128;
 ///   paths, its files are left alone.
 ///
 /// # Pitfalls
+/// - **The PID path belongs to the daemon.** Any unlocked regular file there
+///   is a stale PID file to this crate (the lock decides, not the content), so
+///   it is replaced. Never point the PID path at a file you care about.
 /// - **Acquire after daemonizing.** The claim's PID is the acquiring
 ///   process's. Fork or double-fork first, then acquire.
 /// - **Inherited descriptors.** Every descriptor the guard holds is
