@@ -10,16 +10,24 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    child_main, child_paths, dir_names, is_socket, parse_ready, paths, report, role_hold, Rng,
+    builder_from_env, child_main, child_paths, dir_names, is_socket, parse_ready, paths,
+    process_alive, ready_line, report, role_hold, snapshot, wait_for_stdin_eof, Rng,
 };
 use historia_lifecycle::{
-    probe_socket, read_pid_file, running_pid, DaemonGuard, LifecycleError, SocketState,
+    probe_socket, read_pid_file, running_pid, signal_daemon, DaemonGuard, DaemonInfo,
+    LifecycleError, SignalMode, SocketState,
 };
-use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{ForkResult, Pid};
+
+/// Role parameter: which variant of a scenario to play.
+const VARIANT_ENV: &str = "HISTORIA_TEST_VARIANT";
 
 // ---------------------------------------------------------------------------
 // Child roles
@@ -31,6 +39,7 @@ fn child_process_entry() {
         "hold" => role_hold(),
         "hold-own-pid" => role_hold_own_pid(),
         "acquire-loop" => role_acquire_loop(),
+        "fork-keep-lock" => role_fork_keep_lock(),
         other => panic!("unknown child role {other:?}"),
     });
 }
@@ -59,9 +68,78 @@ fn role_acquire_loop() {
     }
 }
 
+/// Acquires (`SignalMode::Off`), then forks without exec: the forked child
+/// (the test's grandchild) keeps its inherited copy of the lock descriptor,
+/// and of the listener unless the variant is `close-listener`, and just
+/// waits: for end of file on the stdin pipe it shares with this process (the
+/// test closing it when it drops this child), at most 30 s. Reports
+/// "READY <pid> <reclaimed socket> <reclaimed PID file> <forked child PID>"
+/// once the forked child is set up, then waits to be killed.
+fn role_fork_keep_lock() {
+    let g = builder_from_env()
+        .signals(SignalMode::Off)
+        .acquire()
+        .expect("acquire");
+    let close_listener = match std::env::var(VARIANT_ENV).expect("variant").as_str() {
+        "keep-listener" => false,
+        "close-listener" => true,
+        other => panic!("unknown variant {other:?}"),
+    };
+    let listener_fd = g.listener().expect("listener").as_raw_fd();
+    // The forked child says on this pipe when it has closed what it closes,
+    // so the parent reports a settled state.
+    let (set_up_r, set_up_w) = nix::unistd::pipe().expect("pipe");
+    // SAFETY: the forked child only calls close(2), write(2), poll(2) and
+    // _exit(2), all async-signal-safe; it allocates nothing, takes no lock
+    // and runs no destructor (the guard's copy is never dropped there).
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        ForkResult::Child => unsafe {
+            use nix::libc;
+            if close_listener {
+                libc::close(listener_fd);
+            }
+            // Without our stdout and stderr, the test's readers see end of
+            // file as soon as the locker dies.
+            libc::close(1);
+            libc::close(2);
+            libc::write(set_up_w.as_raw_fd(), b"x".as_ptr().cast(), 1);
+            let mut stdin = libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            libc::poll(&mut stdin, 1, 30_000);
+            libc::_exit(0)
+        },
+        ForkResult::Parent { child } => {
+            drop(set_up_w);
+            let mut byte = [0u8; 1];
+            fs::File::from(set_up_r)
+                .read_exact(&mut byte)
+                .expect("the forked child is set up");
+            report(format!("{} {child}", ready_line(&g)));
+            // The test SIGKILLs us here; the guard is never dropped.
+            wait_for_stdin_eof();
+            drop(g);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Parent side
 // ---------------------------------------------------------------------------
+
+/// SIGKILLs a process we did not spawn (so cannot reap) when dropped, unless
+/// disarmed after it was killed and seen gone.
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.filter(|&pid| process_alive(pid)) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
 
 fn is_pid_temp_file(name: &str) -> bool {
     name.starts_with(".daemon.pid.") && name.ends_with(".tmp")
@@ -217,4 +295,90 @@ fn p2_stale_socket_without_pid_file_is_reclaimed() {
     assert_eq!(parse_ready(&next), (true, false));
     next.stop();
     p.assert_gone();
+}
+
+/// P2: the locker forks a child (no exec) that keeps the claim's lock, and
+/// is SIGKILLed. The lock is held but `/proc/locks` (and the PID file) name
+/// the dead locker: `running_pid` and `signal_daemon` must say
+/// `HolderUnknown`, never the dead (perhaps recycled) PID, and signal
+/// nothing; the daemon counts as running and an acquire is refused, touching
+/// nothing. Once the forked child dies, the next acquire reclaims the files.
+/// With the forked child's listener closed, only the lock says "running".
+#[test]
+fn p2_running_pid_never_names_the_dead_locker_of_a_lock_kept_by_a_forked_child() {
+    for variant in ["keep-listener", "close-listener"] {
+        let p = paths();
+        let mut locker = p.child("fork-keep-lock").env(VARIANT_ENV, variant).spawn();
+        let rest = locker.expect_prefixed("READY ");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        assert_eq!(f[..3], [&*locker.pid().to_string(), "false", "false"]);
+        let forked: u32 = f[3].parse().expect("forked child PID");
+        let mut forked_guard = KillOnDrop(Some(forked));
+        assert!(process_alive(forked), "{variant}: forked child");
+        // While the locker lives, it is the holder.
+        assert_eq!(
+            running_pid(&p.pid).unwrap(),
+            Some(locker.pid()),
+            "{variant}"
+        );
+
+        let dead = locker.pid();
+        locker.kill_and_wait();
+        assert!(process_alive(forked), "{variant}: forked child died too");
+        assert_eq!(read_pid_file(&p.pid).unwrap(), Some(dead), "{variant}");
+        let expected_socket = if variant == "keep-listener" {
+            SocketState::Listening
+        } else {
+            SocketState::Stale
+        };
+        assert_eq!(probe_socket(&p.sock).unwrap(), expected_socket, "{variant}");
+        let pid_before = snapshot(&p.pid);
+        let tree_before = p.tree();
+
+        let r = running_pid(&p.pid);
+        assert!(
+            matches!(&r, Err(LifecycleError::HolderUnknown { path }) if *path == p.pid),
+            "{variant}: running_pid must not name dead PID {dead}: {r:?}"
+        );
+        let r = signal_daemon(&p.pid, Signal::SIGTERM as i32);
+        assert!(
+            matches!(&r, Err(LifecycleError::HolderUnknown { path }) if *path == p.pid),
+            "{variant}: signal_daemon with dead PID {dead} in /proc/locks: {r:?}"
+        );
+        assert!(
+            process_alive(forked),
+            "{variant}: the lock keeper was signalled"
+        );
+        assert!(
+            DaemonInfo::new(p.sock.clone(), p.pid.clone()).is_running(),
+            "{variant}: the claim is held"
+        );
+        let e = p.acquire_here().expect_err("the claim is held");
+        assert!(
+            matches!(e, LifecycleError::AlreadyRunning),
+            "{variant}: {e:?}"
+        );
+        assert_eq!(snapshot(&p.pid), pid_before, "{variant}: PID file touched");
+        assert_eq!(p.tree(), tree_before, "{variant}: directory changed");
+
+        // The last holder dies: the lock goes with it.
+        kill(Pid::from_raw(forked as i32), Signal::SIGKILL).expect("kill the forked child");
+        // Bounded wait (the forked child is not ours to reap): its exit
+        // closes the lock descriptor.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(running_pid(&p.pid), Ok(None)) {
+            assert!(
+                Instant::now() < deadline,
+                "{variant}: lock still held after SIGKILL of {forked}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        forked_guard.0 = None;
+        let g = p.acquire_here().expect("the last holder is dead");
+        assert!(g.reclaimed_stale_pid_file(), "{variant}");
+        assert!(g.reclaimed_stale_socket(), "{variant}");
+        assert_eq!(running_pid(&p.pid).unwrap(), Some(std::process::id()));
+        drop(g);
+        p.assert_gone();
+    }
 }

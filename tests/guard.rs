@@ -47,6 +47,7 @@ fn child_process_entry() {
         "race" => role_race(),
         "hold" => role_hold(),
         "listen" => serve_bare_listener(&child_paths().0),
+        "lockless-daemon" => role_lockless_daemon(),
         "serve" => role_serve(),
         "fork" => role_fork(),
         "fds" => role_fds(),
@@ -74,6 +75,21 @@ fn role_race() {
         }
         Err(e) => report(refusal_line(&e)),
     }
+}
+
+/// A daemon that does not use the claim (an older version, another
+/// program): binds a plain listener at the socket path and writes its PID
+/// into the PID file with `fs::write`, unlocked. Reports "SERVING <pid>",
+/// then holds the listener until end of file on stdin.
+fn role_lockless_daemon() {
+    let (sock, pid) = child_paths();
+    let listener = UnixListener::bind(&sock)
+        .unwrap_or_else(|e| panic!("bind a plain listener at {}: {e}", sock.display()));
+    let me = std::process::id();
+    fs::write(&pid, format!("{me}\n")).expect("write the PID file");
+    report(format!("SERVING {me}"));
+    wait_for_stdin_eof();
+    drop(listener);
 }
 
 /// Serves one connection (echo of one line), optionally through
@@ -436,6 +452,49 @@ fn p3_losing_acquires_leave_the_winners_files_untouched() {
 
     holder.stop();
     p.assert_gone();
+}
+
+/// P3: a daemon that does not use the claim serves on the socket and wrote
+/// its PID into the PID file, unlocked. An acquire finds the PID file's
+/// lock free, but must refuse with exactly `AlreadyRunning` (the socket is
+/// live) before it touches that PID file: same inode, bytes, timestamps; the
+/// socket untouched, no file added, here or from another process with the
+/// default signal handling.
+#[test]
+fn p3_refused_acquire_leaves_a_lockless_daemons_pid_file_alone() {
+    let p = paths();
+    let mut daemon = p.child("lockless-daemon").spawn();
+    let daemon_pid = daemon.pid();
+    assert_eq!(daemon.expect_prefixed("SERVING "), daemon_pid.to_string());
+    assert_eq!(read_pid_file(&p.pid).unwrap(), Some(daemon_pid));
+    assert_eq!(running_pid(&p.pid).unwrap(), None, "nobody holds the lock");
+    let pid_before = snapshot(&p.pid);
+    let sock_before = snapshot(&p.sock);
+    let tree_before = p.tree();
+    assert_eq!(dir_names(p.dir.path()), ["daemon.pid", "daemon.sock"]);
+    // Timestamps have coarse granularity: let the clock move so a rewrite
+    // would show.
+    std::thread::sleep(Duration::from_millis(30));
+
+    for _ in 0..3 {
+        let e = p.acquire_here().expect_err("a daemon serves there");
+        assert!(matches!(e, LifecycleError::AlreadyRunning), "{e:?}");
+        assert!(dev_ino(&p.pid).is_some(), "the daemon's PID file removed");
+        let after = snapshot(&p.pid);
+        assert_eq!(after.dev_ino, pid_before.dev_ino, "PID file replaced");
+        assert_eq!(after.bytes, pid_before.bytes, "PID file rewritten");
+        assert_eq!(after, pid_before, "PID file touched");
+    }
+    let mut loser = p.child("hold").spawn();
+    assert_eq!(loser.expect_line(), "REFUSED AlreadyRunning");
+    loser.finish();
+
+    assert_eq!(snapshot(&p.pid), pid_before, "PID file touched");
+    assert_eq!(snapshot(&p.sock), sock_before, "socket touched");
+    assert_eq!(p.tree(), tree_before, "directory changed");
+    assert_eq!(read_pid_file(&p.pid).unwrap(), Some(daemon_pid));
+    assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
+    daemon.stop();
 }
 
 // ---------------------------------------------------------------------------
