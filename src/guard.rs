@@ -11,9 +11,10 @@ use nix::sys::socket::{bind, listen, Backlog, UnixAddr};
 use nix::sys::stat::{fchmod, Mode};
 
 use crate::error::{errno_at, io_at, LifecycleError, Result};
+use crate::paths::remove_if_same;
 use crate::paths::{check_socket_path, ensure_dir, parent_dir};
 use crate::pidfile::claim;
-use crate::probe::{probe, remove_if_same, SocketState};
+use crate::probe::{probe, SocketState};
 use crate::signals::{register, Registration, Shutdown, SignalMode};
 
 /// Default mode of the bound socket: owner only, for a per-user daemon.

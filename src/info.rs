@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use crate::error::{LifecycleError, Result};
 use crate::paths::lstat_opt;
+use crate::paths::remove_if_same;
 use crate::pidfile::{lock_existing, read_pid_file, running_pid};
-use crate::probe::{probe, probe_socket, remove_if_same, SocketState};
+use crate::probe::{probe, probe_socket, SocketState};
 
 /// A daemon's socket and PID file paths, with the PID last read from disk.
 ///

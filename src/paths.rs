@@ -253,6 +253,27 @@ pub(crate) fn lstat_opt(path: &Path) -> io::Result<Option<std::fs::Metadata>> {
     }
 }
 
+/// Unlinks `path` if `lstat` still shows the inode `dev_ino`, and says whether
+/// it did; `NotFound` is not an error. The lstat narrows, but cannot close, the
+/// window in which another process swaps the path: POSIX has no
+/// unlink-if-inode. Callers hold the claim's flock, so no cooperating process
+/// swaps it.
+pub(crate) fn remove_if_same(path: &Path, dev_ino: (u64, u64), op: &'static str) -> Result<bool> {
+    match lstat_opt(path).map_err(|e| io_at("examine", path, e))? {
+        Some(m) if (m.dev(), m.ino()) == dev_ino => match std::fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_at(op, path, e)),
+        },
+        _ => Ok(false),
+    }
+}
+
+/// Which inode `path` names now, if any.
+pub(crate) fn dev_ino(path: &Path) -> Option<(u64, u64)> {
+    lstat_opt(path).ok().flatten().map(|m| (m.dev(), m.ino()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

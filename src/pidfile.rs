@@ -10,8 +10,8 @@ use nix::libc;
 use tempfile::NamedTempFile;
 
 use crate::error::{io_at, wrong_type, FileKind, LifecycleError, Result};
+use crate::paths::{dev_ino, remove_if_same};
 use crate::paths::{lstat_opt, parent_dir};
-use crate::probe::{dev_ino, remove_if_same};
 
 /// Mode of every PID file this crate writes: readable by all (tools such as
 /// `start-stop-daemon` read it), writable by the owner only.

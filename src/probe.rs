@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{connect, UnixAddr};
 
 use crate::error::{errno_at, io_at, wrong_type, FileKind, Result};
-use crate::paths::{check_socket_path, lstat_opt};
+use crate::paths::{check_socket_path, lstat_opt, remove_if_same};
 
 /// What [`check_singleton`] concluded about a socket path.
 ///
@@ -269,25 +269,4 @@ pub fn cleanup_socket_file(socket_path: &Path) -> Result<()> {
         ));
     }
     remove_if_same(socket_path, (meta.dev(), meta.ino()), "remove socket").map(drop)
-}
-
-/// Unlinks `path` if `lstat` still shows the inode `dev_ino`, and says whether
-/// it did; `NotFound` is not an error. The lstat narrows, but cannot close, the
-/// window in which another process swaps the path: POSIX has no
-/// unlink-if-inode. Callers hold the claim's flock, so no cooperating process
-/// swaps it.
-pub(crate) fn remove_if_same(path: &Path, dev_ino: (u64, u64), op: &'static str) -> Result<bool> {
-    match lstat_opt(path).map_err(|e| io_at("examine", path, e))? {
-        Some(m) if (m.dev(), m.ino()) == dev_ino => match std::fs::remove_file(path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_at(op, path, e)),
-        },
-        _ => Ok(false),
-    }
-}
-
-/// Which inode `path` names now, if any.
-pub(crate) fn dev_ino(path: &Path) -> Option<(u64, u64)> {
-    lstat_opt(path).ok().flatten().map(|m| (m.dev(), m.ino()))
 }
