@@ -2,8 +2,8 @@
 # The one command that reproduces BENCHMARKS.md: the criterion benches (each
 # operation next to its by-hand floor and the peer crates), the contention
 # harness, the signal latency, the resource counts, and a syscall count per
-# acquire+drop cycle. About 6 minutes on 2 cores; everything is logged to
-# $CARGO_TARGET_DIR/bench-<time>.log.
+# acquire+drop cycle and per lost attempt. About 4 minutes on 2 cores;
+# everything is logged to $CARGO_TARGET_DIR/bench-<time>.log.
 #
 #   ./bench.sh
 #
@@ -69,10 +69,10 @@ fi
 section "resources"
 step "$ex/resources"
 
-section "syscalls per acquire+drop cycle (strace -c -f, 2000 cycles, ${shm:-${TMPDIR:-/tmp}})"
+section "syscalls per acquire+drop cycle and per lost attempt (strace -c -f, 2000 each, ${shm:-${TMPDIR:-/tmp}})"
 if command -v strace >/dev/null 2>&1; then
     n=2000
-    for kind in floor ours-off ours-exit; do
+    for kind in floor ours-off ours-exit floor-lose ours-lose; do
         out="$CARGO_TARGET_DIR/strace-$kind.txt"
         step strace -c -f -o "$out" "$ex/resources" profile "$kind" "$n" ${shm:+"$shm"}
         # strace -c columns: % time, seconds, usecs/call, calls, [errors], syscall
@@ -85,7 +85,7 @@ if command -v strace >/dev/null 2>&1; then
                     line = line sprintf(" %s×%d%s", name, per, errs >= n / 2 ? sprintf(" (%d failing)", int(errs / n + 0.5)) : "")
                 }
             }
-            END { printf "%-9s %d syscalls/cycle:%s\n", kind, total, line }
+            END { printf "%-10s %d syscalls/cycle:%s\n", kind, total, line }
         ' "$out"
     done
 else

@@ -32,9 +32,9 @@
 //! `HISTORIA_PAIRED_SECS` the paired time per comparison (default 1.5).
 
 use std::hint::black_box;
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -43,10 +43,10 @@ use criterion::Criterion;
 use historia_lifecycle::{
     check_singleton, read_pid_file, write_pid_file, DaemonGuard, SignalMode, SingletonCheck,
 };
-use nix::libc;
-use nix::sys::socket::{
-    bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
-};
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+
+#[path = "../examples/shared/bench_util.rs"]
+mod bench_util;
 
 /// Short runs: the whole `bench.sh` must fit in 10 minutes on 2 cores.
 fn config() -> Criterion {
@@ -165,37 +165,10 @@ fn acquire_exit(p: &Paths) {
     drop(black_box(guard));
 }
 
-/// The floor of acquire + drop, by hand: open(O_CREAT) the PID file, flock
-/// LOCK_EX|LOCK_NB, socket + bind + listen, write the PID; then unlink the
-/// socket, unlink the PID file, close both.
+/// The floor of acquire + drop, by hand (shared with the `resources`
+/// example's profile loop).
 fn acquire_floor(p: &Paths) {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(black_box(&p.pid))
-        .expect("open pid");
-    // SAFETY: flock(2) on a descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    assert_eq!(rc, 0, "flock");
-    let addr = UnixAddr::new(&p.sock).expect("address");
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    bind(fd.as_raw_fd(), &addr).expect("bind");
-    listen(&fd, Backlog::new(128).expect("backlog")).expect("listen");
-    // One write(2), as a by-hand claim would do it.
-    file.write_all(format!("{}\n", p.me).as_bytes())
-        .expect("write pid");
-    std::fs::remove_file(&p.sock).expect("unlink socket");
-    std::fs::remove_file(&p.pid).expect("unlink pid");
-    drop(fd);
-    drop(file);
+    bench_util::floor_acquire_drop(black_box(&p.sock), &p.pid, p.me);
 }
 
 /// pidlock 0.2: stat, O_CREAT|O_EXCL PID file, write; no lock, no socket;
@@ -294,32 +267,41 @@ fn check_stale(c: &mut Criterion, base: &Base) {
     });
     // The re-create alone, to subtract from the line above. The path must be
     // free before each bind, so the unlink happens outside the timed region.
+    let unlink = || std::fs::remove_file(&p.sock).expect("remove");
     g.bench_function("recreate_only", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let t = Instant::now();
-                make_stale_socket(&p.sock);
-                total += t.elapsed();
-                std::fs::remove_file(&p.sock).expect("remove");
-            }
-            total
-        })
+        b.iter_custom(|iters| time_each(iters, || {}, || make_stale_socket(&p.sock), unlink))
     });
     // The check alone, timed per call: a cross-check of the subtraction.
     g.bench_function("ours_only", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                make_stale_socket(&p.sock);
-                let t = Instant::now();
-                stale_ours(&p);
-                total += t.elapsed();
-            }
-            total
+            time_each(
+                iters,
+                || make_stale_socket(&p.sock),
+                || stale_ours(&p),
+                || {},
+            )
         })
     });
     g.finish();
+}
+
+/// Runs `before`, `op`, `after` `iters` times and gives the total time spent
+/// in `op` alone.
+fn time_each(
+    iters: u64,
+    mut before: impl FnMut(),
+    mut op: impl FnMut(),
+    mut after: impl FnMut(),
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        before();
+        let t = Instant::now();
+        op();
+        total += t.elapsed();
+        after();
+    }
+    total
 }
 
 fn pid_file(c: &mut Criterion, base: &Base) {
@@ -364,15 +346,7 @@ struct Base {
 
 impl Base {
     fn new(dir: PathBuf) -> Self {
-        let label = match nix::sys::statfs::statfs(&dir).map(|s| s.filesystem_type()) {
-            Ok(nix::sys::statfs::TMPFS_MAGIC) => "tmpfs".to_string(),
-            Ok(nix::sys::statfs::EXT4_SUPER_MAGIC) => "ext4".to_string(),
-            Ok(t) => format!("fs{t:?}")
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .collect(),
-            Err(_) => "unknown".to_string(),
-        };
+        let label = bench_util::fs_label(&dir);
         Base { dir, label }
     }
 

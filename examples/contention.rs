@@ -5,6 +5,7 @@
 //! cargo run --release --example contention                         # N = 2, 8, 32, 64, default rounds
 //! cargo run --release --example contention -- --rounds 2000 --n 8  # the stress run
 //! cargo run --release --example contention -- --n 2,64 --rounds 50 --dir /dev/shm --no-floor
+//! cargo run --release --example contention -- --n 64 --runtime-dir exists
 //! ```
 //!
 //! Each round, in a fresh temp dir:
@@ -29,18 +30,29 @@
 //! win). It shows how much of the tail is the machine (N processes on this
 //! many cores) rather than the library.
 //!
+//! Both kinds run twice (`--runtime-dir both`, the default): with the
+//! directory of the two files already there (a daemon's usual start), and
+//! missing, so every racer must create it (`DaemonGuard` does that itself;
+//! the floor racer then does one `mkdir(2)` first). Creating entries in one
+//! parent directory takes that directory's lock, so the second setup shows
+//! what a crowd of `mkdir`s costs on its own.
+//!
+//! Each racer also reports its context switches during the claim
+//! (`getrusage(RUSAGE_THREAD)`), so the second table can say whether a slow
+//! loser slept in the kernel (a voluntary switch: it waited for a lock) or
+//! was preempted, and splits the losers by whether they started after the
+//! winner's claim was complete (the refusal alone).
+//!
 //! Any round with a winner count other than 1, a racer error, a wrong PID in
 //! the file or files left behind is printed loudly, and the program exits 1.
 //! A watchdog kills a round's racers after 60 s, which fails that round.
 
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,10 +62,18 @@ use nix::libc;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// Default rounds per N. With the floor rounds, the default run takes about
-/// a minute on 2 cores (spawning processes is most of it).
+#[path = "shared/bench_util.rs"]
+mod bench_util;
+use bench_util::{mono_ns, pct, say, sorted, Watchdog};
+
+/// Default rounds per N. With the floor rounds and both directory setups,
+/// the default run takes about 40 s on 2 cores (spawning processes is most
+/// of it).
 const DEFAULTS: [(usize, usize); 4] = [(2, 500), (8, 300), (32, 150), (64, 100)];
 const ROUND_DEADLINE: Duration = Duration::from_secs(60);
+/// A loser decision slower than this is looked at: did it sleep or was it
+/// preempted?
+const SLOW: Duration = Duration::from_millis(1);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -63,11 +83,46 @@ enum Mode {
     Floor,
 }
 
-impl Mode {
+/// Whether the directory of the socket and PID file exists when the racers
+/// start (a daemon's usual start) or must be created by them (the first
+/// start: every racer's `mkdir` of it goes through the parent directory's
+/// lock).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DirSetup {
+    Exists,
+    Missing,
+}
+
+/// What one round measures.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Kind {
+    mode: Mode,
+    dir: DirSetup,
+}
+
+impl Kind {
+    /// The racer's role argument.
     fn role(self) -> &'static str {
-        match self {
-            Mode::Ours => "racer",
-            Mode::Floor => "racer-floor",
+        match (self.mode, self.dir) {
+            // DaemonGuard::acquire creates a missing directory itself.
+            (Mode::Ours, _) => "racer",
+            (Mode::Floor, DirSetup::Exists) => "racer-floor",
+            (Mode::Floor, DirSetup::Missing) => "racer-floor-mkdir",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match (self.mode, self.dir) {
+            (Mode::Ours, _) => "DaemonGuard::acquire",
+            (Mode::Floor, DirSetup::Exists) => "floor: open+flock",
+            (Mode::Floor, DirSetup::Missing) => "floor: mkdir+open+flock",
+        }
+    }
+
+    fn dir_label(self) -> &'static str {
+        match self.dir {
+            DirSetup::Exists => "exists",
+            DirSetup::Missing => "created by the racers",
         }
     }
 }
@@ -76,15 +131,20 @@ struct Options {
     ns: Vec<usize>,
     rounds: Option<usize>,
     floor: bool,
+    dirs: Vec<DirSetup>,
     dir: Option<PathBuf>,
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("racer") => return racer(Mode::Ours, Path::new(&args[1]), Path::new(&args[2])),
-        Some("racer-floor") => return racer(Mode::Floor, Path::new(&args[1]), Path::new(&args[2])),
-        _ => {}
+    let racer_role = match args.first().map(String::as_str) {
+        Some("racer") => Some((Mode::Ours, false)),
+        Some("racer-floor") => Some((Mode::Floor, false)),
+        Some("racer-floor-mkdir") => Some((Mode::Floor, true)),
+        _ => None,
+    };
+    if let Some((mode, mkdir)) = racer_role {
+        return racer(mode, mkdir, Path::new(&args[1]), Path::new(&args[2]));
     }
     let opts = parse_args(&args);
     std::process::exit(run(&opts));
@@ -92,9 +152,10 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: contention [--n N[,N...]] [--rounds R] [--no-floor] [--dir DIR]\n  \
-         default: N = 2,8,32,64 with (N, rounds) = {DEFAULTS:?}, a floor round after each \
-         round, temp dirs in $TMPDIR"
+        "usage: contention [--n N[,N...]] [--rounds R] [--no-floor] \
+         [--runtime-dir exists|missing|both] [--dir DIR]\n  \
+         default: N = 2,8,32,64 with (N, rounds) = {DEFAULTS:?}, the runtime dir both existing \
+         and missing, a floor round after each round, temp dirs in $TMPDIR"
     );
     std::process::exit(64);
 }
@@ -104,6 +165,7 @@ fn parse_args(args: &[String]) -> Options {
         ns: Vec::new(),
         rounds: None,
         floor: true,
+        dirs: vec![DirSetup::Exists, DirSetup::Missing],
         dir: None,
     };
     let mut it = args.iter();
@@ -123,6 +185,14 @@ fn parse_args(args: &[String]) -> Options {
                 _ => usage(),
             },
             "--no-floor" => o.floor = false,
+            "--runtime-dir" => {
+                o.dirs = match value().as_str() {
+                    "exists" => vec![DirSetup::Exists],
+                    "missing" => vec![DirSetup::Missing],
+                    "both" => vec![DirSetup::Exists, DirSetup::Missing],
+                    _ => usage(),
+                }
+            }
             "--dir" => o.dir = Some(PathBuf::from(value())),
             _ => usage(),
         }
@@ -133,31 +203,18 @@ fn parse_args(args: &[String]) -> Options {
     o
 }
 
-/// CLOCK_MONOTONIC in ns: the same clock in every process, so instants taken
-/// in the racers compare with the parent's release instant.
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 // ---------------------------------------------------------------- racer role
 
-fn racer(mode: Mode, sock: &Path, pid: &Path) {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "ready")
-        .and_then(|()| out.flush())
-        .expect("report ready");
+/// One racer: waits for the start, then claims; `mkdir` (floor only) first
+/// creates the directory of the PID file, as `DaemonGuard` does for itself.
+fn racer(mode: Mode, mkdir: bool, sock: &Path, pid: &Path) {
+    say("ready");
     // The start barrier: blocks until the parent closes the pipe (EOF).
     let mut byte = [0u8; 1];
     let n = std::io::stdin().read(&mut byte).expect("read start pipe");
     assert_eq!(n, 0, "the start pipe carries no data, only EOF");
 
+    let cs = ctx_switches();
     let t = Instant::now();
     let held: Result<Box<dyn std::any::Any>, String> = match mode {
         Mode::Ours => match DaemonGuard::acquire(sock, pid) {
@@ -165,15 +222,15 @@ fn racer(mode: Mode, sock: &Path, pid: &Path) {
             Err(LifecycleError::AlreadyRunning) => Err("lost".into()),
             Err(e) => Err(format!("error {e}")),
         },
-        Mode::Floor => floor_claim(pid),
+        Mode::Floor => floor_claim(pid, mkdir),
     };
     let took = t.elapsed().as_nanos();
     let end = mono_ns();
+    let (vol, invol) = ctx_switches();
+    let (vol, invol) = (vol - cs.0, invol - cs.1);
     match held {
         Ok(_held) => {
-            writeln!(out, "win {took} {end}")
-                .and_then(|()| out.flush())
-                .expect("report");
+            say(&format!("win {took} {end} {vol} {invol}"));
             // Hold the claim until the parent's SIGTERM. In Mode::Ours the
             // default SignalMode::Exit removes the files and ends the process;
             // the floor just dies.
@@ -181,90 +238,51 @@ fn racer(mode: Mode, sock: &Path, pid: &Path) {
                 std::thread::park();
             }
         }
-        Err(lost) if lost == "lost" => {
-            writeln!(out, "lost {took} {end}")
-                .and_then(|()| out.flush())
-                .expect("report");
-        }
+        Err(lost) if lost == "lost" => say(&format!("lost {took} {end} {vol} {invol}")),
         Err(e) => {
-            let _ = writeln!(out, "{e}");
+            say(&e);
             std::process::exit(3);
         }
     }
 }
 
+/// This thread's (voluntary, involuntary) context switches so far: a
+/// voluntary one means it slept (e.g. on a kernel lock), an involuntary one
+/// that it was preempted.
+fn ctx_switches() -> (u64, u64) {
+    // SAFETY: getrusage fills the struct we own; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    assert_eq!(rc, 0, "getrusage");
+    (ru.ru_nvcsw as u64, ru.ru_nivcsw as u64)
+}
+
 /// The deciding syscalls by hand: open(O_CREAT) + flock(LOCK_EX|LOCK_NB);
-/// the winner writes its PID.
-fn floor_claim(pid: &Path) -> Result<Box<dyn std::any::Any>, String> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(pid)
-        .map_err(|e| format!("error open: {e}"))?;
-    // SAFETY: flock(2) on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
-            "lost".into()
-        } else {
-            format!("error flock: {e}")
-        });
+/// the winner writes its PID. With `mkdir`, one mkdir(2) of the directory
+/// first (`EEXIST` is fine).
+fn floor_claim(pid: &Path, mkdir: bool) -> Result<Box<dyn std::any::Any>, String> {
+    if mkdir {
+        let dir = pid.parent().expect("the PID file has a directory");
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("error mkdir: {e}"))
+            }
+            _ => {}
+        }
     }
-    writeln!(file, "{}", std::process::id()).map_err(|e| format!("error write: {e}"))?;
+    let Some(mut file) =
+        bench_util::floor_open_and_lock(pid).map_err(|e| format!("error open+flock: {e}"))?
+    else {
+        return Err("lost".into());
+    };
+    // One write(2), as in the by-hand floor of acquire + drop.
+    file.write_all(format!("{}\n", std::process::id()).as_bytes())
+        .map_err(|e| format!("error write: {e}"))?;
     Ok(Box::new(file))
 }
 
 // ---------------------------------------------------------------- parent role
-
-/// Kills the round's racers if the round takes longer than its deadline, so a
-/// hung racer fails the run instead of hanging it.
-struct Watchdog {
-    done: Arc<AtomicBool>,
-    fired: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn arm(pids: Arc<Mutex<Vec<i32>>>, deadline: Duration) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let fired = Arc::new(AtomicBool::new(false));
-        let (d, f) = (Arc::clone(&done), Arc::clone(&fired));
-        let thread = std::thread::spawn(move || {
-            let until = Instant::now() + deadline;
-            while !d.load(Ordering::Acquire) {
-                if Instant::now() >= until {
-                    f.store(true, Ordering::Release);
-                    for &p in pids.lock().unwrap().iter() {
-                        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-                    }
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Watchdog {
-            done,
-            fired,
-            thread: Some(thread),
-        }
-    }
-
-    fn fired(&self) -> bool {
-        self.fired.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 #[derive(Default)]
 struct Stats {
@@ -278,6 +296,17 @@ struct Stats {
     /// From the parent's release instant to the loser's result, ns: adds the
     /// wake-up and scheduling of N processes on this machine's cores.
     loser_from_release: Vec<u64>,
+    /// The decision times of the losers that called `acquire` only after the
+    /// winner's `acquire` had returned: with the claim already in place they
+    /// measure the refusal alone; the others may have raced the winner's
+    /// creation of the file.
+    loser_after_win: Vec<u64>,
+    /// Losers whose decision took over [`SLOW`], and how many of those slept
+    /// (a voluntary context switch during `acquire`) or were preempted (an
+    /// involuntary one, and no voluntary one).
+    slow_losers: usize,
+    slow_slept: usize,
+    slow_preempted: usize,
     elapsed: Duration,
 }
 
@@ -294,6 +323,8 @@ struct Report {
     won: bool,
     took_ns: u64,
     end_mono: u64,
+    /// Context switches during `acquire`: (voluntary, involuntary).
+    switches: (u64, u64),
 }
 
 fn run(o: &Options) -> i32 {
@@ -302,11 +333,14 @@ fn run(o: &Options) -> i32 {
     println!(
         "contention: racers in {} ({}), {} cores",
         base.display(),
-        fs_name(&base),
+        bench_util::fs_label(&base),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let started = Instant::now();
-    let mut all: Vec<(usize, Mode, Stats)> = Vec::new();
+    // Markdown rows, printed as each N finishes and again as one table.
+    let mut rows: Vec<String> = Vec::new();
+    let mut split_rows: Vec<String> = Vec::new();
+    let (mut total_rounds, mut total_racers, mut total_violations) = (0, 0, 0);
     let mut failed = false;
     for &n in &o.ns {
         let r = o.rounds.unwrap_or_else(|| {
@@ -315,64 +349,51 @@ fn run(o: &Options) -> i32 {
                 .find(|&&(dn, _)| dn == n)
                 .map_or(50, |&(_, r)| r)
         });
-        let modes: &[Mode] = if o.floor {
-            &[Mode::Ours, Mode::Floor]
-        } else {
-            &[Mode::Ours]
-        };
-        let mut stats: Vec<Stats> = modes.iter().map(|_| Stats::new()).collect();
+        let mut kinds: Vec<Kind> = Vec::new();
+        for &dir in &o.dirs {
+            kinds.push(Kind {
+                mode: Mode::Ours,
+                dir,
+            });
+            if o.floor {
+                kinds.push(Kind {
+                    mode: Mode::Floor,
+                    dir,
+                });
+            }
+        }
+        let mut stats: Vec<Stats> = kinds.iter().map(|_| Stats::new()).collect();
         for i in 0..r {
             // Interleaved, so ours and the floor see the same machine load.
-            for (&mode, st) in modes.iter().zip(&mut stats) {
+            for (&kind, st) in kinds.iter().zip(&mut stats) {
                 let t = Instant::now();
-                if let Err(msg) = round(&exe, &base, n, mode, st) {
+                if let Err(msg) = round(&exe, &base, n, kind, st) {
                     st.violations += 1;
                     failed = true;
-                    eprintln!("\n!!!!!!!! VIOLATION: N={n} {mode:?} round {i}: {msg} !!!!!!!!\n");
+                    eprintln!("\n!!!!!!!! VIOLATION: N={n} {kind:?} round {i}: {msg} !!!!!!!!\n");
                 }
                 st.rounds += 1;
                 st.elapsed += t.elapsed();
             }
         }
-        for (&mode, st) in modes.iter().zip(stats) {
-            print_line(n, mode, &st);
-            all.push((n, mode, st));
+        for (&kind, st) in kinds.iter().zip(&stats) {
+            let row = table_row(n, kind, st);
+            println!("{row}");
+            rows.push(row);
+            split_rows.push(split_row(n, kind, st));
+            total_rounds += st.rounds;
+            total_racers += n * st.rounds;
+            total_violations += st.violations;
         }
     }
-    println!();
-    println!(
-        "| N | racers | rounds | winners/round | violations | loser decision p50 | p99 | max | \
-         winner decision p50 | loser from release p50 | p99 | time |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for (n, mode, st) in &all {
-        let (l, w, f) = (
-            sorted(&st.loser_decision),
-            sorted(&st.winner_decision),
-            sorted(&st.loser_from_release),
-        );
-        println!(
-            "| {n} | {} | {} | {}..{} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
-            match mode {
-                Mode::Ours => "DaemonGuard::acquire",
-                Mode::Floor => "floor: open+flock",
-            },
-            st.rounds,
-            st.winners_min,
-            st.winners_max,
-            st.violations,
-            us(pct(&l, 50.0)),
-            us(pct(&l, 99.0)),
-            us(l.last().copied()),
-            us(pct(&w, 50.0)),
-            us(pct(&f, 50.0)),
-            us(pct(&f, 99.0)),
-            st.elapsed.as_secs_f64()
-        );
+    println!("\n{TABLE_HEADER}");
+    for row in &rows {
+        println!("{row}");
     }
-    let total_rounds: usize = all.iter().map(|(_, _, s)| s.rounds).sum();
-    let total_racers: usize = all.iter().map(|(n, _, s)| n * s.rounds).sum();
-    let total_violations: usize = all.iter().map(|(_, _, s)| s.violations).sum();
+    println!("\n{SPLIT_HEADER}");
+    for row in &split_rows {
+        println!("{row}");
+    }
     println!(
         "\ntotal: {total_rounds} rounds, {total_racers} racer processes, \
          {total_violations} violations, {:.1} s",
@@ -390,54 +411,81 @@ fn run(o: &Options) -> i32 {
     }
 }
 
-fn fs_name(dir: &Path) -> &'static str {
-    match nix::sys::statfs::statfs(dir).map(|s| s.filesystem_type()) {
-        Ok(nix::sys::statfs::TMPFS_MAGIC) => "tmpfs",
-        Ok(nix::sys::statfs::EXT4_SUPER_MAGIC) => "ext4",
-        _ => "other fs",
+const TABLE_HEADER: &str = "\
+| N | racers | runtime dir | rounds | winners/round | violations | loser decision p50 | p99 | max | \
+winner decision p50 | loser from release p50 | p99 | time |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+
+const SPLIT_HEADER: &str = "\
+| N | racers | runtime dir | losers | started after the winner's acquire returned | their decision p50 | p99 | \
+the other losers | their p50 | p99 | losers over 1 ms | of which slept | preempted |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+
+/// One Markdown row of the loser decision times split by when the loser
+/// started: after the winner's claim was complete (the refusal alone), or
+/// while the winner may still have been creating it.
+fn split_row(n: usize, kind: Kind, st: &Stats) -> String {
+    let after = sorted(st.loser_after_win.iter().copied());
+    // Everything in `after` is also in `loser_decision`; take it out once.
+    let mut rest = st.loser_decision.clone();
+    for x in &after {
+        if let Some(i) = rest.iter().position(|y| y == x) {
+            rest.swap_remove(i);
+        }
     }
+    let rest = sorted(rest);
+    format!(
+        "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        kind.label(),
+        kind.dir_label(),
+        st.loser_decision.len(),
+        after.len(),
+        us(pct(&after, 50.0)),
+        us(pct(&after, 99.0)),
+        rest.len(),
+        us(pct(&rest, 50.0)),
+        us(pct(&rest, 99.0)),
+        st.slow_losers,
+        st.slow_slept,
+        st.slow_preempted,
+    )
 }
 
-fn print_line(n: usize, mode: Mode, st: &Stats) {
-    let l = sorted(&st.loser_decision);
-    println!(
-        "N={n:>3} {mode:?}: {} rounds, winners/round {}..{}, violations {}, \
-         loser decision p50 {} p99 {}, {:.1} s",
+/// One Markdown row of the results table.
+fn table_row(n: usize, kind: Kind, st: &Stats) -> String {
+    let (l, w, f) = (
+        sorted(st.loser_decision.iter().copied()),
+        sorted(st.winner_decision.iter().copied()),
+        sorted(st.loser_from_release.iter().copied()),
+    );
+    format!(
+        "| {n} | {} | {} | {} | {}..{} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
+        kind.label(),
+        kind.dir_label(),
         st.rounds,
         st.winners_min,
         st.winners_max,
         st.violations,
         us(pct(&l, 50.0)),
         us(pct(&l, 99.0)),
+        us(l.last().copied()),
+        us(pct(&w, 50.0)),
+        us(pct(&f, 50.0)),
+        us(pct(&f, 99.0)),
         st.elapsed.as_secs_f64()
-    );
-}
-
-fn sorted(v: &[u64]) -> Vec<u64> {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    v
-}
-
-/// Nearest-rank percentile of sorted data.
-fn pct(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+    )
 }
 
 fn us(ns: Option<u64>) -> String {
-    ns.map_or_else(|| "-".into(), |ns| format!("{:.0} µs", ns as f64 / 1000.0))
+    bench_util::us(ns, 0)
 }
 
 /// One round: spawn N racers, release them together, collect and check.
-fn round(exe: &Path, base: &Path, n: usize, mode: Mode, st: &mut Stats) -> Result<(), String> {
+fn round(exe: &Path, base: &Path, n: usize, kind: Kind, st: &mut Stats) -> Result<(), String> {
     let dir = tempfile::tempdir_in(base).map_err(|e| format!("tempdir: {e}"))?;
     let sock = dir.path().join("run/daemon.sock");
     let pid = dir.path().join("run/daemon.pid");
-    if mode == Mode::Floor {
+    if kind.dir == DirSetup::Exists {
         std::fs::create_dir(dir.path().join("run")).map_err(|e| format!("mkdir: {e}"))?;
     }
     let (start_r, start_w) =
@@ -454,7 +502,7 @@ fn round(exe: &Path, base: &Path, n: usize, mode: Mode, st: &mut Stats) -> Resul
             .map_err(|e| format!("dup: {e}"))
             .and_then(|stdin: OwnedFd| {
                 Command::new(exe)
-                    .arg(mode.role())
+                    .arg(kind.role())
                     .arg(&sock)
                     .arg(&pid)
                     .stdin(stdin)
@@ -494,7 +542,7 @@ fn round(exe: &Path, base: &Path, n: usize, mode: Mode, st: &mut Stats) -> Resul
     for (i, (r, s)) in reports.iter().zip(&statuses).enumerate() {
         check_exit(i, r, s)?;
     }
-    if mode == Mode::Ours && (sock.exists() || pid.exists()) {
+    if kind.mode == Mode::Ours && (sock.exists() || pid.exists()) {
         return Err(format!(
             "files left behind after the winner's SIGTERM: socket {}, PID file {}",
             sock.exists(),
@@ -515,9 +563,7 @@ fn race(
 ) -> Result<Vec<Report>, String> {
     let mut line = String::new();
     for (i, out) in outs.iter_mut().enumerate() {
-        line.clear();
-        out.read_line(&mut line)
-            .map_err(|e| format!("read racer {i}: {e}"))?;
+        read_report(out, i, &mut line)?;
         if line.trim() != "ready" {
             return Err(format!("racer {i} said {line:?} instead of ready"));
         }
@@ -527,9 +573,7 @@ fn race(
 
     let mut reports = Vec::with_capacity(outs.len());
     for (i, out) in outs.iter_mut().enumerate() {
-        line.clear();
-        out.read_line(&mut line)
-            .map_err(|e| format!("read racer {i}: {e}"))?;
+        read_report(out, i, &mut line)?;
         let f: Vec<&str> = line.split_whitespace().collect();
         let won = match f.first().copied() {
             Some("win") => true,
@@ -545,12 +589,18 @@ fn race(
             won,
             took_ns: num(1)?,
             end_mono: num(2)?,
+            switches: (num(3)?, num(4)?),
         });
     }
 
     let winners: Vec<usize> = (0..reports.len()).filter(|&i| reports[i].won).collect();
     st.winners_min = st.winners_min.min(winners.len());
     st.winners_max = st.winners_max.max(winners.len());
+    // The instant the (single) winner's acquire returned.
+    let win_end = match winners.as_slice() {
+        [w] => reports[*w].end_mono,
+        _ => u64::MAX,
+    };
     for r in &reports {
         if r.won {
             st.winner_decision.push(r.took_ns);
@@ -558,6 +608,17 @@ fn race(
             st.loser_decision.push(r.took_ns);
             st.loser_from_release
                 .push(r.end_mono.saturating_sub(release));
+            if r.end_mono.saturating_sub(r.took_ns) > win_end {
+                st.loser_after_win.push(r.took_ns);
+            }
+            if r.took_ns > SLOW.as_nanos() as u64 {
+                st.slow_losers += 1;
+                match r.switches {
+                    (v, _) if v > 0 => st.slow_slept += 1,
+                    (_, i) if i > 0 => st.slow_preempted += 1,
+                    _ => {}
+                }
+            }
         }
     }
     // While the winner still holds the claim, the PID file must name it.
@@ -584,6 +645,18 @@ fn race(
     }
     pid_check?;
     Ok(reports)
+}
+
+/// Reads racer `i`'s next report line into `line` (replacing its content).
+fn read_report(
+    out: &mut BufReader<ChildStdout>,
+    i: usize,
+    line: &mut String,
+) -> Result<(), String> {
+    line.clear();
+    out.read_line(line)
+        .map(drop)
+        .map_err(|e| format!("read racer {i}: {e}"))
 }
 
 /// The winner must die of the SIGTERM (both modes); a loser must exit 0.

@@ -8,9 +8,10 @@
 //! cargo run --release --example resources -- --cycles 1000000 --dir /dev/shm
 //! ```
 //!
-//! `resources profile <ours-off|ours-exit|floor> N [DIR]` only runs N
-//! acquire/drop cycles of one kind, for `strace -c -f` or callgrind (bench.sh
-//! uses it to count the syscalls per cycle).
+//! `resources profile <ours-off|ours-exit|floor|ours-lose|floor-lose> N [DIR]`
+//! only runs N acquire/drop cycles of one kind, for `strace -c -f` or
+//! callgrind (bench.sh uses it to count the syscalls per cycle). The `-lose`
+//! kinds are N attempts that lose against a claim this process holds.
 //!
 //! Exits 1 when a check fails: more than one helper thread, a descriptor
 //! left after a drop, or fd/thread counts that grow over the cycles.
@@ -18,7 +19,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use historia_lifecycle::{DaemonGuard, SignalMode};
+use historia_lifecycle::{DaemonGuard, LifecycleError, SignalMode};
+
+#[path = "shared/bench_util.rs"]
+mod bench_util;
 
 const DEFAULT_CYCLES: usize = 100_000;
 
@@ -27,23 +31,15 @@ fn main() {
     if args.first().map(String::as_str) == Some("profile") {
         return profile(&args[1..]);
     }
-    let mut cycles = DEFAULT_CYCLES;
-    let mut dir: Option<PathBuf> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match (a.as_str(), it.next()) {
-            ("--cycles", Some(v)) => cycles = v.parse().unwrap_or_else(|_| usage()),
-            ("--dir", Some(v)) => dir = Some(PathBuf::from(v)),
-            _ => usage(),
-        }
-    }
-    std::process::exit(run(cycles, &dir.unwrap_or_else(std::env::temp_dir)));
+    let (cycles, dir) =
+        bench_util::count_and_dir(&args, "--cycles", DEFAULT_CYCLES).unwrap_or_else(|| usage());
+    std::process::exit(run(cycles, &dir));
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: resources [--cycles N] [--dir DIR]\n       \
-         resources profile <ours-off|ours-exit|floor> N [DIR]"
+         resources profile <ours-off|ours-exit|floor|ours-lose|floor-lose> N [DIR]"
     );
     std::process::exit(64);
 }
@@ -255,6 +251,15 @@ fn profile(args: &[String]) {
     let sock = tmp.path().join("daemon.sock");
     let pid = tmp.path().join("daemon.pid");
     let me = std::process::id();
+    // The losing kinds need a live claim to lose against. flock(2) locks
+    // belong to the open file description, so this process's own next
+    // attempt conflicts with it just as another process's would.
+    let _held = kind.ends_with("-lose").then(|| {
+        DaemonGuard::builder(&sock, &pid)
+            .signals(SignalMode::Off)
+            .acquire()
+            .expect("hold the claim")
+    });
     for _ in 0..n {
         match kind {
             "ours-off" => drop(
@@ -264,48 +269,20 @@ fn profile(args: &[String]) {
                     .expect("acquire"),
             ),
             "ours-exit" => drop(DaemonGuard::acquire(&sock, &pid).expect("acquire")),
-            "floor" => by_hand_claim(&sock, &pid, me),
+            "floor" => bench_util::floor_acquire_drop(&sock, &pid, me),
+            "ours-lose" => assert!(matches!(
+                DaemonGuard::acquire(&sock, &pid),
+                Err(LifecycleError::AlreadyRunning)
+            )),
+            "floor-lose" => floor_lose(&pid),
             _ => usage(),
         }
     }
 }
 
-/// The floor of acquire + drop, as in benches/lifecycle.rs: open(O_CREAT)
-/// the PID file, flock, socket + bind + listen, write the PID; unlink the
-/// socket, unlink the PID file, close both.
-fn by_hand_claim(sock: &Path, pid: &Path, me: u32) {
-    use nix::libc;
-    use nix::sys::socket::{
-        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
-    };
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(pid)
-        .expect("open pid");
-    // SAFETY: flock(2) on a descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    assert_eq!(rc, 0, "flock");
-    let addr = UnixAddr::new(sock).expect("address");
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    bind(fd.as_raw_fd(), &addr).expect("bind");
-    listen(&fd, Backlog::new(128).expect("backlog")).expect("listen");
-    // One write(2), as a by-hand claim would do it.
-    file.write_all(format!("{me}\n").as_bytes())
-        .expect("write pid");
-    std::fs::remove_file(sock).expect("unlink socket");
-    std::fs::remove_file(pid).expect("unlink pid");
-    drop(fd);
-    drop(file);
+/// The floor of losing: `open(O_CREAT)` + `flock(LOCK_EX|LOCK_NB)` failing
+/// with `EWOULDBLOCK` + `close`.
+fn floor_lose(pid: &Path) {
+    let locked = bench_util::floor_open_and_lock(pid).expect("open pid");
+    assert!(locked.is_none(), "the claim is held, so flock must fail");
 }

@@ -27,18 +27,23 @@
 //! SIGTERM. A watchdog fails a run after 5 s.
 
 use std::ffi::CString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use historia_lifecycle::DaemonGuard;
 use nix::libc;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+#[path = "shared/bench_util.rs"]
+mod bench_util;
+use bench_util::{pct, sorted, Watchdog};
 
 const DEFAULT_RUNS: usize = 300;
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -54,17 +59,9 @@ fn main() {
     if args.first().map(String::as_str) == Some("holder") {
         return holder(Path::new(&args[1]), Path::new(&args[2]));
     }
-    let mut runs = DEFAULT_RUNS;
-    let mut dir: Option<PathBuf> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match (a.as_str(), it.next()) {
-            ("--runs", Some(v)) => runs = v.parse().unwrap_or_else(|_| usage()),
-            ("--dir", Some(v)) => dir = Some(PathBuf::from(v)),
-            _ => usage(),
-        }
-    }
-    std::process::exit(run(runs, &dir.unwrap_or_else(std::env::temp_dir)));
+    let (runs, dir) =
+        bench_util::count_and_dir(&args, "--runs", DEFAULT_RUNS).unwrap_or_else(|| usage());
+    std::process::exit(run(runs, &dir));
 }
 
 fn usage() -> ! {
@@ -73,12 +70,8 @@ fn usage() -> ! {
 }
 
 fn holder(sock: &Path, pid: &Path) {
-    let guard = DaemonGuard::acquire(sock, pid).expect("acquire");
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "ready")
-        .and_then(|()| out.flush())
-        .expect("ready");
-    let _held = guard;
+    let _guard = DaemonGuard::acquire(sock, pid).expect("acquire");
+    bench_util::say("ready");
     // SIGTERM ends us through the guard's SignalMode::Exit.
     loop {
         std::thread::park();
@@ -193,18 +186,11 @@ fn one(exe: &Path, base: &Path, method: Method) -> Result<Sample, String> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("spawn: {e}"))?;
-    // Watchdog: a holder that hangs before `ready` would block the read in
-    // `measure`; kill it so the read sees EOF and the run fails.
-    let (done, wait_done) = std::sync::mpsc::channel::<()>();
-    let child_pid = child.id() as i32;
-    let watchdog = std::thread::spawn(move || {
-        if wait_done.recv_timeout(2 * DEADLINE).is_err() {
-            let _ = kill(Pid::from_raw(child_pid), Signal::SIGKILL);
-        }
-    });
+    // A holder that hangs before `ready` would block the read in `measure`;
+    // the watchdog kills it so the read sees EOF and the run fails.
+    let watchdog = Watchdog::arm(Arc::new(Mutex::new(vec![child.id() as i32])), 2 * DEADLINE);
     let result = measure(&mut child, dir.path(), &sock, &pid, method);
-    let _ = done.send(());
-    let _ = watchdog.join();
+    drop(watchdog);
     if result.is_err() {
         let _ = child.kill();
         let _ = child.wait();
@@ -368,24 +354,9 @@ fn calibrate_inotify(base: &Path, runs: usize) -> Vec<u64> {
         let before = unlinker.join().expect("unlinker");
         out.push(woke.saturating_duration_since(before).as_nanos() as u64);
     }
-    sorted(out.into_iter())
-}
-
-fn sorted(v: impl Iterator<Item = u64>) -> Vec<u64> {
-    let mut v: Vec<u64> = v.collect();
-    v.sort_unstable();
-    v
-}
-
-/// Nearest-rank percentile of sorted data.
-fn pct(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+    sorted(out)
 }
 
 fn us(ns: Option<u64>) -> String {
-    ns.map_or_else(|| "-".into(), |ns| format!("{:.1} µs", ns as f64 / 1000.0))
+    bench_util::us(ns, 1)
 }

@@ -207,8 +207,6 @@ pub(crate) struct Claim {
 /// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but
 /// never showing a torn or empty file.
 ///
-/// 0. If a file is already at the path, try its lock first (step 3): a
-///    loser learns it lost before creating anything.
 /// 1. A fresh file gets `"<pid>\n"`, mode 0644 and an exclusive flock before
 ///    it has a name (Linux `O_TMPFILE`; elsewhere a named temp file beside
 ///    the PID file).
@@ -238,15 +236,11 @@ pub(crate) fn claim<T>(
     // lock (before its file is removed) or our own placed file; if it fails,
     // the stale file is left as it was and our own is taken back.
     let mut checked: Option<T> = None;
-
-    // Fast refusal: when a live holder is there (the common way to lose),
-    // say so before creating anything.
+    // No "is someone there?" look before creating our file: when dozens of
+    // processes start at once, losers that look first and then link anyway
+    // queue on the directory, and their p99 rose from about 0.15 ms to 6 ms
+    // in the contention harness (BENCHMARKS.md).
     let mut reclaimed = false;
-    if let Some((stale, id)) = lock_existing(pid_path)? {
-        checked = Some(under_claim()?);
-        reclaimed = remove_if_same(pid_path, id, "remove stale PID file")?;
-        drop(stale);
-    }
 
     let mut fresh = Fresh::new(pid_path, pid)?;
     // Our own new file: nobody else can have locked it.
