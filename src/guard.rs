@@ -11,8 +11,7 @@ use nix::sys::socket::{bind, listen, Backlog, UnixAddr};
 use nix::sys::stat::{fchmod, Mode};
 
 use crate::error::{errno_at, io_at, LifecycleError, Result};
-use crate::paths::remove_if_same;
-use crate::paths::{check_socket_path, ensure_dir, parent_dir};
+use crate::paths::{check_socket_path, ensure_dir, parent_dir, remove_if_same};
 use crate::pidfile::claim;
 use crate::probe::{probe, SocketState};
 use crate::signals::{register, Registration, Shutdown, SignalMode};
@@ -357,6 +356,10 @@ fn bind_socket(path: &Path, mode: u32, backlog: i32) -> Result<(UnixListener, (u
     let undo = scopeguard::guard((), |()| {
         let _ = std::fs::remove_file(path);
     });
+    // Listen at once: a bound socket that does not listen yet refuses
+    // connections, and would look stale to a prober for that moment.
+    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
+    listen(&fd, backlog).map_err(|e| errno_at("listen on socket", path, e))?;
     let meta = std::fs::symlink_metadata(path).map_err(|e| io_at("examine socket", path, e))?;
     if meta.mode() & 0o777 != mode {
         nix::sys::stat::fchmodat(
@@ -367,8 +370,6 @@ fn bind_socket(path: &Path, mode: u32, backlog: i32) -> Result<(UnixListener, (u
         )
         .map_err(|e| errno_at("set mode of socket", path, e))?;
     }
-    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
-    listen(&fd, backlog).map_err(|e| errno_at("listen on socket", path, e))?;
     scopeguard::ScopeGuard::into_inner(undo);
     Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))
 }

@@ -1,12 +1,11 @@
 //! `DaemonInfo`: the seed's high-level view of a daemon's files, for tools
 //! that inspect or clean up after a daemon rather than run it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{LifecycleError, Result};
-use crate::paths::lstat_opt;
-use crate::paths::remove_if_same;
-use crate::pidfile::{lock_existing, read_pid_file, running_pid};
+use crate::paths::{lstat_opt, parent_dir, remove_if_same};
+use crate::pidfile::{claim, read_pid_file, running_pid};
 use crate::probe::{probe, probe_socket, SocketState};
 
 /// A daemon's socket and PID file paths, with the PID last read from disk.
@@ -74,10 +73,10 @@ impl DaemonInfo {
     /// Idempotent: missing files are fine.
     ///
     /// It refuses while the daemon runs, and takes the PID file's claim
-    /// itself while removing, so a daemon starting at the same moment either
-    /// waits for it (and gets [`LifecycleError::AlreadyRunning`]) or starts
-    /// after it, never loses its fresh files. The socket is removed only when
-    /// provably stale.
+    /// itself while removing (for that moment the PID file names this
+    /// process), so a daemon starting at the same moment either gets
+    /// [`LifecycleError::AlreadyRunning`] or starts after it, and never loses
+    /// its fresh files. The socket is removed only when provably stale.
     ///
     /// # Errors
     /// - [`LifecycleError::AlreadyRunning`] when a process holds the claim or
@@ -86,33 +85,40 @@ impl DaemonInfo {
     ///   socket or regular file sits at the paths; it is left alone.
     /// - [`LifecycleError::Io`] when a file cannot be examined or removed.
     pub fn cleanup(&self) -> Result<()> {
-        // Hold the claim on the PID file, if there is one, for the whole
-        // cleanup, so a daemon starting meanwhile cannot lose its fresh files.
-        let mut claim = None;
-        for _ in 0..8 {
-            claim = lock_existing(&self.pid_path)?;
-            if claim.is_some() || lstat_opt(&self.pid_path).ok().flatten().is_none() {
-                break;
-            }
+        let exists = |p: &Path| lstat_opt(p).ok().flatten().is_some();
+        // A read-only look first: refusals (a live daemon, something other
+        // than a socket at the path) must not touch even the directory.
+        let socket = probe(&self.socket_path)?.state;
+        if socket.is_live() {
+            return Err(LifecycleError::AlreadyRunning);
         }
-        let p = probe(&self.socket_path)?;
-        match p.state {
-            SocketState::Listening | SocketState::Busy => {
-                return Err(LifecycleError::AlreadyRunning)
-            }
-            SocketState::Stale => {
-                if let Some(id) = p.dev_ino {
-                    remove_if_same(&self.socket_path, id, "remove stale socket")?;
+        if socket == SocketState::Absent && !exists(&self.pid_path) {
+            return Ok(()); // nothing left behind
+        }
+        let clear_socket = || {
+            let p = probe(&self.socket_path)?;
+            match (p.state, p.dev_ino) {
+                (SocketState::Listening | SocketState::Busy, _) => {
+                    Err(LifecycleError::AlreadyRunning)
                 }
+                (SocketState::Stale, Some(id)) => {
+                    remove_if_same(&self.socket_path, id, "remove stale socket")
+                }
+                _ => Ok(false),
             }
-            SocketState::Absent => {}
+        };
+        if !exists(parent_dir(&self.pid_path)) {
+            // No PID file can exist, so no daemon using this path holds a
+            // claim; only a provably stale socket is removed.
+            return clear_socket().map(drop);
         }
-        // Only the file we locked is removed; one that appeared after we
-        // looked belongs to a daemon that just started.
-        if let Some((file, id)) = claim {
-            remove_if_same(&self.pid_path, id, "remove PID file")?;
-            drop(file);
-        }
+        // Take the claim as a starting daemon would (a dead holder's PID
+        // file is replaced by ours), clear the socket under it, then give
+        // it back by removing our own file. A daemon starting meanwhile
+        // gets AlreadyRunning or starts after us; it never loses a file.
+        let (claim, _) = claim(&self.pid_path, std::process::id(), clear_socket)?;
+        remove_if_same(&self.pid_path, claim.dev_ino, "remove PID file")?;
+        drop(claim.file);
         Ok(())
     }
 }

@@ -10,8 +10,7 @@ use nix::libc;
 use tempfile::NamedTempFile;
 
 use crate::error::{io_at, wrong_type, FileKind, LifecycleError, Result};
-use crate::paths::{dev_ino, remove_if_same};
-use crate::paths::{lstat_opt, parent_dir};
+use crate::paths::{dev_ino, lstat_opt, parent_dir, remove_if_same};
 
 /// Mode of every PID file this crate writes: readable by all (tools such as
 /// `start-stop-daemon` read it), writable by the owner only.
@@ -219,23 +218,25 @@ pub(crate) struct Claim {
 ///    only if the path still names the inode we locked, the stale file is
 ///    unlinked; then back to step 2.
 ///
-/// `under_claim` (the guard's socket probe) runs once while we hold a claim:
-/// a dead holder's lock, before its file goes, or our own placed file. If it
-/// fails (a daemon that does not use the lock serves on the socket), the
+/// `under_claim` (the guard's socket probe) runs under each dead holder's
+/// lock before its file goes, and under our own placed file at the end. If
+/// it fails (a daemon that does not use the lock serves on the socket), the
 /// stale PID file stays as it was, and ours is taken back.
 ///
 /// Every file that can be at the path is locked by a live process or
 /// provably stale, and only a no-replace link puts a file there, so two
 /// racers cannot both win.
-pub(crate) fn claim<T>(
+pub(crate) fn claim(
     pid_path: &Path,
     pid: u32,
-    mut under_claim: impl FnMut() -> Result<T>,
-) -> Result<(Claim, T)> {
-    // `under_claim` runs exactly once, while we hold either a dead holder's
-    // lock (before its file is removed) or our own placed file; if it fails,
-    // the stale file is left as it was and our own is taken back.
-    let mut checked: Option<T> = None;
+    mut under_claim: impl FnMut() -> Result<bool>,
+) -> Result<(Claim, bool)> {
+    // `under_claim` runs under every stale lock we are about to remove (so a
+    // refusal touches no file of a daemon that does not use the lock), and
+    // once more under our own placed file: that last run is the one that
+    // counts, since other starters may have come and gone in between. It
+    // returns whether it reclaimed something; the answers are or-ed.
+    let mut checked = false;
     // No "is someone there?" look before creating our file: when dozens of
     // processes start at once, losers that look first and then link anyway
     // queue on the directory, and their p99 rose from about 0.15 ms to 6 ms
@@ -268,12 +269,9 @@ pub(crate) fn claim<T>(
     for _ in 0..64 {
         match fresh.place(pid_path) {
             Ok(file) => {
-                let checked = match checked {
-                    Some(t) => t,
-                    None => under_claim().inspect_err(|_| {
-                        let _ = remove_if_same(pid_path, ours, "remove PID file");
-                    })?,
-                };
+                checked |= under_claim().inspect_err(|_| {
+                    let _ = remove_if_same(pid_path, ours, "remove PID file");
+                })?;
                 let claim = Claim {
                     file,
                     dev_ino: ours,
@@ -285,9 +283,7 @@ pub(crate) fn claim<T>(
             Err((_, e)) => return Err(io_at("create PID file", pid_path, e)),
         }
         if let Some((stale, id)) = lock_existing(pid_path)? {
-            if checked.is_none() {
-                checked = Some(under_claim()?);
-            }
+            checked |= under_claim()?;
             reclaimed |= remove_if_same(pid_path, id, "remove stale PID file")?;
             drop(stale);
         }

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -61,8 +61,9 @@ pub enum SignalMode {
     Exit,
     /// Turn SIGTERM/SIGINT into a shutdown request: the guard's [`Shutdown`]
     /// handle wakes, the daemon drains its work and drops the guard, which
-    /// removes the files. A second signal while a shutdown is already
-    /// requested removes the files and ends the process as in
+    /// removes the files. A signal that arrives while a shutdown is already
+    /// requested (by an earlier signal, or by [`Shutdown::request`], e.g. a
+    /// `stop` command) removes the files and ends the process as in
     /// [`SignalMode::Exit`], so a stuck drain can still be interrupted.
     Graceful,
     /// Install nothing. The files are removed on Drop or
@@ -190,15 +191,12 @@ struct Registry {
     next_id: u64,
     /// The PID whose helper thread and pipe are set up; 0 before the first.
     installed_for: i32,
-    /// Read end of the current pipe, so a forked child can close its copy.
-    pipe_read: i32,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     entries: Vec::new(),
     next_id: 0,
     installed_for: 0,
-    pipe_read: -1,
 });
 
 /// A guard's place in the registry; removed on drop.
@@ -248,23 +246,16 @@ pub(crate) fn register(
 /// use in a forked child, whose registry copy holds its parent's guards).
 fn install(reg: &mut Registry, pid: i32) -> io::Result<()> {
     if reg.installed_for != 0 {
-        // We are a forked child: the parent's guards and pipe are not ours.
+        // We are a forked child: the parent's guards are not ours. Its pipe's
+        // descriptors are left alone, not closed by number: the child may
+        // have closed them already and reused the numbers for its own files.
         reg.entries.clear();
-        for fd in [reg.pipe_read, PIPE_WRITE.load(Ordering::Relaxed)] {
-            if fd >= 0 {
-                // SAFETY: these descriptors were inherited from the parent's
-                // signal pipe and nothing else in this process uses them.
-                drop(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
     }
     let (read, write) = crate::sys::signal_pipe().map_err(io::Error::from)?;
-    let read_raw = read.as_raw_fd();
     std::thread::Builder::new()
         // 15 bytes: Linux truncates thread names (comm) longer than that.
         .name("historia-signal".into())
         .spawn(move || helper(File::from(read)))?;
-    reg.pipe_read = read_raw;
     PIPE_WRITE.store(write.into_raw_fd(), Ordering::Release);
     OWNER_PID.store(pid, Ordering::Release);
     reg.installed_for = pid;
