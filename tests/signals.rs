@@ -1,7 +1,8 @@
 //! SIGTERM and SIGINT (P6): cleanup in the default mode while the daemon is
 //! blocked in a syscall, several guards at once, one helper thread however
 //! many guards come and go, graceful shutdown and its forced second signal,
-//! and a forked child that keeps its hands off the parent's files.
+//! a forked child that keeps its hands off the parent's files, and a forked
+//! child that closed its inherited descriptors and keeps its own claim.
 //!
 //! Every signal goes to a child process (this test binary re-run with a
 //! role, see `common`); the test process never installs the crate's
@@ -9,14 +10,20 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    child_main, child_paths, dev_ino, env_path, is_signal_thread, parse_ready, paths,
+    child_main, child_paths, dev_ino, env_path, is_signal_thread, open_fds, parse_ready, paths,
     process_alive, read_stdin_line, ready_line, report, snapshot, thread_names, wait_for_stdin_eof,
     ChildProc, Paths,
 };
-use historia_lifecycle::{probe_socket, running_pid, DaemonGuard, SignalMode, SocketState};
+use historia_lifecycle::{
+    probe_socket, running_pid, DaemonGuard, LifecycleError, SignalMode, SocketState,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
@@ -40,6 +47,7 @@ fn child_process_entry() {
         "cycles-then-hold" => role_cycles_then_hold(),
         "graceful" => role_graceful(),
         "fork-sleeper" => role_fork_sleeper(),
+        "fork-close-fds" => role_fork_close_fds(),
         other => panic!("unknown child role {other:?}"),
     });
 }
@@ -154,6 +162,108 @@ fn role_fork_sleeper() {
             drop(g);
         }
     }
+}
+
+/// The descriptors of this process that are pipe ends (`/proc/self/fd`
+/// links read "pipe:[inode]").
+fn pipe_fds() -> BTreeSet<RawFd> {
+    open_fds()
+        .into_iter()
+        .filter(|fd| {
+            std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+        })
+        .collect()
+}
+
+/// Default mode guard on the [`child_paths`] pair, then a fork (no exec)
+/// whose child behaves like daemonizing code: it closes every inherited
+/// descriptor above stderr, opens throwaway files so that the next free
+/// number is where the parent's signal pipe was, and acquires its own
+/// default-mode guard on the [`SOCK2_ENV`]/[`PID2_ENV`] pair. That forked
+/// child reports `C-READY <pid> <its listener fd> <the parent's pipe fds>`
+/// and sleeps (bounded) holding its guard; this process reports how it
+/// ended, then holds its own guard until end of file on stdin.
+fn role_fork_close_fds() {
+    let before = pipe_fds();
+    let g = acquire(SignalMode::Exit);
+    // The signal pipe is the one pair of pipe ends the first guard added.
+    let signal_pipe: Vec<RawFd> = pipe_fds().difference(&before).copied().collect();
+    assert_eq!(signal_pipe.len(), 2, "signal pipe fds: {signal_pipe:?}");
+    report(ready_line(&g));
+    let (sock2, pid2) = (env_path(SOCK2_ENV), env_path(PID2_ENV));
+    // SAFETY: the forked child runs only this function's code and ends with
+    // _exit(2). The only other thread here, the crate's signal helper, is
+    // blocked in read(2) and holds no lock.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        ForkResult::Child => {
+            // Never unwind into the forked copy of the test harness.
+            let code = match std::panic::catch_unwind(|| {
+                forked_closer(&signal_pipe, &sock2, &pid2);
+            }) {
+                Ok(()) => 0,
+                Err(_) => 101,
+            };
+            // SAFETY: ends the forked child without running anything of the
+            // parent's (no destructors, no atexit handlers).
+            unsafe { nix::libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            let how = match waitpid(child, None).expect("waitpid") {
+                WaitStatus::Exited(_, code) => format!("exited {code}"),
+                WaitStatus::Signaled(_, sig, _) => format!("signaled {}", sig as i32),
+                other => format!("other {other:?}"),
+            };
+            report(format!("GRANDCHILD {how}"));
+            wait_for_stdin_eof();
+            drop(g);
+        }
+    }
+}
+
+/// The forked child of [`role_fork_close_fds`].
+fn forked_closer(signal_pipe: &[RawFd], sock: &Path, pid: &Path) {
+    // Die with the process that forked us: the test can reap only its own
+    // children, and this one must not outlive a failed test.
+    // SAFETY: prctl(2) touches no memory of ours.
+    unsafe { nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) };
+    // Listed before any is closed, as daemonizing code does; the numbers
+    // include the parent's claim, listener and signal pipe.
+    for fd in open_fds().into_iter().filter(|&fd| fd > 2) {
+        // SAFETY: this process never uses the inherited objects again (it
+        // ends with _exit, dropping nothing), so closing their numbers
+        // cannot break an owner.
+        unsafe { nix::libc::close(fd) };
+    }
+    // Throwaway files (a log, a config...) fill the freed numbers up to the
+    // first of the parent's signal-pipe numbers, so the claim file and
+    // listener of the guard below land on the pipe's old numbers.
+    let first = *signal_pipe.iter().min().expect("pipe fds");
+    let mut throwaway = Vec::new();
+    loop {
+        let f = std::fs::File::open("/dev/null").expect("open /dev/null");
+        let fd = f.as_raw_fd();
+        throwaway.push(f);
+        if fd + 1 >= first {
+            break;
+        }
+    }
+    match DaemonGuard::acquire(sock, pid) {
+        Ok(c) => {
+            let lfd = c.listener().map_or(-1, |l| l.as_raw_fd());
+            report(format!(
+                "C-READY {} {lfd} {signal_pipe:?}",
+                std::process::id()
+            ));
+            // Bounded, in case the test dies without signalling us.
+            for _ in 0..300 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            drop(c);
+        }
+        Err(e) => report(format!("C-ERROR {e:?}")),
+    }
+    drop(throwaway);
 }
 
 // ---------------------------------------------------------------------------
@@ -332,6 +442,87 @@ fn p6_signal_to_forked_child_leaves_parents_files() {
     assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
     assert!(!daemon.has_exited());
 
+    daemon.stop();
+    p.assert_gone();
+}
+
+/// SIGKILLs a grandchild (a forked child of a child role) still alive when
+/// the test ends, e.g. while a failed assertion unwinds. Only while it is
+/// still `parent`'s child: an unreaped child's PID cannot have been recycled.
+struct KillOnDrop {
+    pid: u32,
+    parent: u32,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        // "pid (comm) state ppid ...": the parent PID follows the state.
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse::<u32>().ok());
+        if ppid == Some(self.parent) {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// P6 regression: a forked child (no exec) of a default-mode daemon that
+/// closes all its inherited descriptors (as daemonizing code does), reuses
+/// their numbers for files of its own and then acquires its own guard keeps
+/// that guard whole: the crate must not close the parent's signal-pipe
+/// descriptors by number, which would now be the child's claim file and
+/// listener (a second instance could then start, or a debug build abort).
+/// Its own signal handling works: SIGTERM removes its files and kills it,
+/// and the parent's files and claim are left alone.
+#[test]
+fn p6_forked_child_that_closed_its_fds_keeps_its_own_claim() {
+    let p = paths();
+    let (c_sock, c_pid) = (p.dir.path().join("c.sock"), p.dir.path().join("c.pid"));
+    let mut daemon = p
+        .child("fork-close-fds")
+        .env(SOCK2_ENV, &c_sock)
+        .env(PID2_ENV, &c_pid)
+        .spawn();
+    expect_ready(&daemon);
+    let (a_sock, a_pid) = (snapshot(&p.sock), snapshot(&p.pid));
+    let rest = daemon.expect_prefixed("C-READY ");
+    let forked: u32 = rest.split_whitespace().next().unwrap().parse().unwrap();
+    let _reaper = KillOnDrop {
+        pid: forked,
+        parent: daemon.pid(),
+    };
+    assert_ne!(forked, daemon.pid(), "{rest}");
+    assert!(process_alive(forked), "{rest}");
+
+    // The forked child's claim is whole: its flock refuses a second
+    // instance, names it as the holder, and its listener still accepts.
+    let second = DaemonGuard::builder(&c_sock, &c_pid)
+        .signals(SignalMode::Off)
+        .acquire();
+    assert!(
+        matches!(second, Err(LifecycleError::AlreadyRunning)),
+        "a second instance got past the forked child's claim ({rest}): {second:?}"
+    );
+    drop(second);
+    assert_eq!(running_pid(&c_pid).unwrap(), Some(forked), "{rest}");
+    UnixStream::connect(&c_sock)
+        .unwrap_or_else(|e| panic!("connect to the forked child's socket ({rest}): {e}"));
+
+    // Its own signal pipe works: SIGTERM removes its files, then kills it.
+    kill(Pid::from_raw(forked as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(
+        daemon.expect_prefixed("GRANDCHILD "),
+        format!("signaled {}", Signal::SIGTERM as i32)
+    );
+    common::assert_absent(&[&c_sock, &c_pid]);
+
+    // The parent's files and claim were never the forked child's to touch.
+    assert_eq!(snapshot(&p.sock), a_sock, "socket touched");
+    assert_eq!(snapshot(&p.pid), a_pid, "PID file touched");
+    assert_eq!(running_pid(&p.pid).unwrap(), Some(daemon.pid()));
+    assert_eq!(probe_socket(&p.sock).unwrap(), SocketState::Listening);
     daemon.stop();
     p.assert_gone();
 }
