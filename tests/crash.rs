@@ -364,9 +364,12 @@ fn p2_running_pid_never_names_the_dead_locker_of_a_lock_kept_by_a_forked_child()
         // The last holder dies: the lock goes with it.
         kill(Pid::from_raw(forked as i32), Signal::SIGKILL).expect("kill the forked child");
         // Bounded wait (the forked child is not ours to reap): its exit
-        // closes the lock descriptor.
+        // closes the lock descriptor and then, a moment later, the listener
+        // it may hold; until both are closed a start is rightly refused.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !matches!(running_pid(&p.pid), Ok(None)) {
+        while !matches!(running_pid(&p.pid), Ok(None))
+            || probe_socket(&p.sock).is_ok_and(|s| s.is_live())
+        {
             assert!(
                 Instant::now() < deadline,
                 "{variant}: lock still held after SIGKILL of {forked}"
