@@ -13,7 +13,7 @@ use nix::sys::stat::{fchmod, Mode};
 use crate::error::{errno_at, io_at, LifecycleError, Result};
 use crate::paths::{check_socket_path, ensure_dir, parent_dir, remove_if_same};
 use crate::pidfile::claim;
-use crate::probe::{probe, SocketState};
+use crate::probe::clear_stale_socket;
 use crate::signals::{register, Registration, Shutdown, SignalMode};
 
 /// Default mode of the bound socket: owner only, for a per-user daemon.
@@ -292,17 +292,7 @@ impl DaemonGuardBuilder {
         // Under the claim, before a stale PID file goes: clear a provably
         // stale socket; refuse if someone serves there without our lock (an
         // older version, an unrelated program), touching nothing of theirs.
-        let (claim, reclaimed_socket) = claim(&pid_path, pid, || {
-            let probed = probe(&socket_path)?;
-            match probed.state {
-                SocketState::Absent => Ok(false),
-                SocketState::Listening | SocketState::Busy => Err(LifecycleError::AlreadyRunning),
-                SocketState::Stale => match probed.dev_ino {
-                    Some(id) => remove_if_same(&socket_path, id, "remove stale socket"),
-                    None => Ok(false),
-                },
-            }
-        })?;
+        let (claim, reclaimed_socket) = claim(&pid_path, pid, || clear_stale_socket(&socket_path))?;
         // Until the guard exists, undo what we placed if a later step fails.
         let undo_pid = scopeguard::guard((), |()| {
             let _ = remove_if_same(&pid_path, claim.dev_ino, "remove PID file");

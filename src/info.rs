@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{LifecycleError, Result};
 use crate::paths::{lstat_opt, parent_dir, remove_if_same};
 use crate::pidfile::{claim, read_pid_file, running_pid};
-use crate::probe::{probe, probe_socket, SocketState};
+use crate::probe::{clear_stale_socket, probe, probe_socket, SocketState};
 
 /// A daemon's socket and PID file paths, with the PID last read from disk.
 ///
@@ -95,18 +95,7 @@ impl DaemonInfo {
         if socket == SocketState::Absent && !exists(&self.pid_path) {
             return Ok(()); // nothing left behind
         }
-        let clear_socket = || {
-            let p = probe(&self.socket_path)?;
-            match (p.state, p.dev_ino) {
-                (SocketState::Listening | SocketState::Busy, _) => {
-                    Err(LifecycleError::AlreadyRunning)
-                }
-                (SocketState::Stale, Some(id)) => {
-                    remove_if_same(&self.socket_path, id, "remove stale socket")
-                }
-                _ => Ok(false),
-            }
-        };
+        let clear_socket = || clear_stale_socket(&self.socket_path);
         if !exists(parent_dir(&self.pid_path)) {
             // No PID file can exist, so no daemon using this path holds a
             // claim; only a provably stale socket is removed.

@@ -180,6 +180,20 @@ fn try_connect(path: &Path) -> Result<Connect> {
     }
 }
 
+/// Under a claim: removes a provably stale socket at `path` and says whether
+/// it did; [`LifecycleError::AlreadyRunning`](crate::LifecycleError::AlreadyRunning)
+/// when a listener answers there (one that does not use the claim).
+pub(crate) fn clear_stale_socket(path: &Path) -> Result<bool> {
+    let probed = probe(path)?;
+    match (probed.state, probed.dev_ino) {
+        (SocketState::Listening | SocketState::Busy, _) => {
+            Err(crate::LifecycleError::AlreadyRunning)
+        }
+        (SocketState::Stale, Some(id)) => remove_if_same(path, id, "remove stale socket"),
+        _ => Ok(false),
+    }
+}
+
 /// Checks whether a daemon is serving on `socket_path`, removing the socket
 /// file if it is provably stale. Fallible form of [`check_singleton`].
 ///
