@@ -1,20 +1,18 @@
-//! `DaemonGuard`: the claim, the bound socket, and owned cleanup.
+//! `DaemonGuard`: a [`PidFileGuard`] plus the Unix socket it binds under the
+//! claim.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use nix::sys::socket::{bind, listen, Backlog, UnixAddr};
-use nix::sys::stat::{fchmod, Mode};
-
-use crate::error::{errno_at, io_at, LifecycleError, Result};
-use crate::paths::{check_socket_path, ensure_dir, parent_dir, remove_if_same};
-use crate::pidfile::claim;
+use crate::cleanup::absolute;
+use crate::error::Result;
+use crate::listener::{bind_claimed, same_file_or, same_path_error, BindSpec};
+use crate::paths::{check_socket_path, parent_dir};
+use crate::pid_guard::{acquire_with, PidFileGuard};
 use crate::probe::clear_stale_socket;
-use crate::signals::{register, Registration, Shutdown, SignalMode};
+use crate::shutdown::Shutdown;
+use crate::signals::SignalMode;
 
 /// Default mode of the bound socket: owner only, for a per-user daemon.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
@@ -24,12 +22,15 @@ pub const DEFAULT_BACKLOG: i32 = 128;
 /// Proof that this process is the one running instance: it holds the claim
 /// on the PID file, the bound socket, and the duty to remove both.
 ///
+/// It is a [`PidFileGuard`] plus a Unix socket bound under the claim; a
+/// daemon that serves TCP, or nothing, uses [`PidFileGuard`] alone.
+///
 /// # Lifecycle
 /// 1. **Acquire.** [`DaemonGuard::acquire`] creates the parent directories,
 ///    takes an exclusive `flock(2)` on the PID file (written atomically with
 ///    this PID, as FreeBSD pidfile(3) but never torn), then, under that lock,
 ///    removes a provably stale socket and binds a fresh one. A second instance
-///    gets [`LifecycleError::AlreadyRunning`] and changes nothing.
+///    gets [`LifecycleError::AlreadyRunning`](crate::LifecycleError::AlreadyRunning) and changes nothing.
 /// 2. **Serve.** Accept connections on [`listener`](Self::listener) (or
 ///    [`take_listener`](Self::take_listener) it into your runtime). The flock
 ///    stays held for the guard's whole life, so the claim cannot be stolen
@@ -73,6 +74,11 @@ pub const DEFAULT_BACKLOG: i32 = 128;
 ///   inode): if an operator deleted the files and a newer instance took the
 ///   paths, its files are left alone.
 ///
+/// Both paths are made absolute at acquire, so a `chdir(2)` after it (a
+/// daemon that moves to `/`) changes nothing about which files cleanup
+/// removes; the socket is still bound with the path as given, so `sun_path`
+/// holds exactly what you passed.
+///
 /// # Pitfalls
 /// - **The PID path belongs to the daemon.** Any unlocked regular file there
 ///   is a stale PID file to this crate (the lock decides, not the content), so
@@ -90,15 +96,12 @@ pub const DEFAULT_BACKLOG: i32 = 128;
 #[must_use = "the claim is released, and the files removed, when the guard is dropped"]
 #[derive(Debug)]
 pub struct DaemonGuard {
-    files: Arc<OwnedFiles>,
-    pid: u32,
     listener: Option<UnixListener>,
-    /// The flocked PID file: the claim itself. Closed last.
-    lock: Option<File>,
-    registration: Option<Registration>,
-    shutdown: Shutdown,
+    /// The claim, the PID file, the cleanup list (socket included) and the
+    /// signal registration.
+    inner: PidFileGuard,
+    socket_path: PathBuf,
     reclaimed_socket: bool,
-    reclaimed_pid_file: bool,
 }
 
 /// Options for [`DaemonGuard`]; made by [`DaemonGuard::builder`].
@@ -118,20 +121,23 @@ impl DaemonGuard {
     /// [`SignalMode::Exit`]. See [`DaemonGuard::builder`] for options.
     ///
     /// # Errors
-    /// - [`LifecycleError::AlreadyRunning`] when another live process holds
+    /// - [`LifecycleError::AlreadyRunning`](crate::LifecycleError::AlreadyRunning) when another live process holds
     ///   the claim (or, outside the claim, a listener answers on the socket).
     ///   Its PID is [`running_pid`](crate::running_pid)`(pid_path)`.
-    /// - [`LifecycleError::PathTooLong`] when `socket_path` does not fit
+    /// - [`LifecycleError::PathTooLong`](crate::LifecycleError::PathTooLong) when `socket_path` does not fit
     ///   `sun_path` (`unix(7)`); checked before anything on disk changes.
-    /// - [`LifecycleError::UnexpectedFileType`] when something other than a
+    /// - [`LifecycleError::UnexpectedFileType`](crate::LifecycleError::UnexpectedFileType) when something other than a
     ///   socket is at `socket_path`, or other than a regular file at
     ///   `pid_path`; it is left untouched.
-    /// - [`LifecycleError::Io`] when a directory cannot be created, the PID
-    ///   file cannot be written, or `bind(2)` fails.
-    /// - [`LifecycleError::Signals`] when the signal handling cannot be
+    /// - [`LifecycleError::Io`](crate::LifecycleError::Io) when a directory cannot be created, the PID
+    ///   file cannot be written, `bind(2)` fails, or a path is relative and
+    ///   the current directory cannot be read.
+    /// - [`LifecycleError::Signals`](crate::LifecycleError::Signals) when the signal handling cannot be
     ///   installed.
-    /// - [`LifecycleError::InvalidArgument`] when both paths are the same, or
-    ///   the socket path is empty or holds a NUL byte.
+    /// - [`LifecycleError::InvalidArgument`](crate::LifecycleError::InvalidArgument) when both paths name the same
+    ///   file (also when spelt differently: `./`, `..`, a symlinked
+    ///   directory, a hard link to the PID file), or the socket path is
+    ///   empty or holds a NUL byte.
     ///
     /// On every error, nothing this call created is left behind.
     pub fn acquire(socket_path: impl AsRef<Path>, pid_path: impl AsRef<Path>) -> Result<Self> {
@@ -165,17 +171,17 @@ impl DaemonGuard {
 
     /// The PID written to the PID file: this process's.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.inner.pid()
     }
 
-    /// The socket path.
+    /// The socket path, as given to the builder.
     pub fn socket_path(&self) -> &Path {
-        &self.files.socket_path
+        &self.socket_path
     }
 
-    /// The PID file path.
+    /// The PID file path, as given to the builder.
     pub fn pid_path(&self) -> &Path {
-        &self.files.pid_path
+        self.inner.pid_path()
     }
 
     /// Whether acquiring removed a stale socket left by a dead instance.
@@ -185,26 +191,36 @@ impl DaemonGuard {
 
     /// Whether acquiring replaced a stale PID file left by a dead instance.
     pub fn reclaimed_stale_pid_file(&self) -> bool {
-        self.reclaimed_pid_file
+        self.inner.reclaimed_stale_pid_file()
     }
 
     /// The guard's shutdown handle. In [`SignalMode::Graceful`] SIGTERM and
     /// SIGINT set it; in every mode [`Shutdown::request`] does.
     pub fn shutdown(&self) -> &Shutdown {
-        &self.shutdown
+        self.inner.shutdown()
     }
 
     /// Removes the socket and the PID file, then releases the claim,
     /// reporting what went wrong. Drop does the same but has to stay silent.
     ///
-    /// Never cleans up twice: after a signal already did, or in a forked
-    /// child, it removes nothing and returns `Ok(())`.
+    /// Never cleans up twice: after a signal already did, in a forked child,
+    /// or with cleanup disabled, it removes nothing and returns `Ok(())`.
     ///
     /// # Errors
-    /// [`LifecycleError::Io`] when a file that is still ours cannot be
+    /// [`LifecycleError::Io`](crate::LifecycleError::Io) when a file that is still ours cannot be
     /// removed. The claim is released anyway.
     pub fn close(mut self) -> Result<()> {
         self.release()
+    }
+
+    /// Turns cleanup off (`true`) or back on (`false`) without giving up the
+    /// guard, as tempfile's `disable_cleanup`: while it is off, Drop,
+    /// [`close`](Self::close) and the signal handling leave the socket and
+    /// the PID file in place. The claim still ends when the guard is
+    /// dropped; the next acquire then reclaims both as stale. To keep the
+    /// claim too, use [`keep`](Self::keep).
+    pub fn disable_cleanup(&mut self, disable: bool) {
+        self.inner.disable_cleanup(disable);
     }
 
     /// Escape hatch: disarms cleanup and signal handling and hands back the
@@ -214,21 +230,15 @@ impl DaemonGuard {
     /// open. Both descriptors are close-on-exec; clear `FD_CLOEXEC` to pass
     /// them on.
     pub fn keep(mut self) -> (File, Option<UnixListener>) {
-        self.registration = None;
-        *self.files.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        let lock = self.lock.take().expect("a live guard holds its lock");
-        (lock, self.listener.take())
+        let listener = self.listener.take();
+        (self.inner.keep_in_place(), listener)
     }
 
     fn release(&mut self) -> Result<()> {
-        // Remove before leaving the signal registry: a signal arriving now
-        // makes the helper thread wait on `done` until we finish, instead of
-        // ending the process half-way through.
-        let removed = self.files.remove();
-        self.registration = None;
-        self.listener = None;
-        self.lock = None; // releases the claim, after the files are gone
-        removed
+        let listener = &mut self.listener;
+        // The listener closes after the files are gone and before the claim
+        // is released.
+        self.inner.release(|| *listener = None)
     }
 }
 
@@ -271,128 +281,62 @@ impl DaemonGuardBuilder {
     /// As [`DaemonGuard::acquire`].
     #[must_use = "the claim is released as soon as the guard is dropped"]
     pub fn acquire(self) -> Result<DaemonGuard> {
-        let (socket_path, pid_path) = (self.socket_path, self.pid_path);
-        check_socket_path(&socket_path)?;
-        if socket_path == pid_path {
-            return Err(LifecycleError::InvalidArgument {
-                what: "paths",
-                reason: format!(
-                    "the socket and the PID file are both {}",
-                    socket_path.display()
-                ),
-            });
-        }
-        let (pid_dir, socket_dir) = (parent_dir(&pid_path), parent_dir(&socket_path));
-        ensure_dir(pid_dir)?;
-        if socket_dir != pid_dir {
-            ensure_dir(socket_dir)?;
-        }
-
-        let pid = std::process::id();
-        // Under the claim, before a stale PID file goes: clear a provably
-        // stale socket; refuse if someone serves there without our lock (an
-        // older version, an unrelated program), touching nothing of theirs.
-        let (claim, reclaimed_socket) = claim(&pid_path, pid, || clear_stale_socket(&socket_path))?;
-        // Until the guard exists, undo what we placed if a later step fails.
-        let undo_pid = scopeguard::guard((), |()| {
-            let _ = remove_if_same(&pid_path, claim.dev_ino, "remove PID file");
-        });
-
-        let (listener, socket_id) = bind_socket(&socket_path, self.socket_mode, self.backlog)?;
-        let undo_socket = scopeguard::guard((), |()| {
-            let _ = remove_if_same(&socket_path, socket_id, "remove socket");
-        });
-
-        let files = Arc::new(OwnedFiles {
-            socket_path: socket_path.clone(),
-            socket_id,
-            pid_path: pid_path.clone(),
-            pid_id: claim.dev_ino,
-            owner: pid,
-            done: Mutex::new(false),
-        });
-        let shutdown = Shutdown::default();
-        let registration = register(self.signals, Arc::clone(&files), shutdown.clone(), pid)?;
-
-        scopeguard::ScopeGuard::into_inner(undo_socket);
-        scopeguard::ScopeGuard::into_inner(undo_pid);
+        let (socket_path, pid_path) = (&self.socket_path, &self.pid_path);
+        check_socket_path(socket_path)?;
+        let socket_abs = absolute(socket_path, "resolve socket path")?;
+        check_distinct(socket_path, &socket_abs, pid_path)?;
+        let spec = BindSpec {
+            path: socket_path,
+            absolute: socket_abs,
+            mode: self.socket_mode,
+            backlog: self.backlog,
+        };
+        // Under each dead holder's lock, before its PID file goes: clear a
+        // provably stale socket, or refuse if someone serves there without
+        // the lock (an older version, an unrelated program), touching
+        // nothing of theirs. Then, under our own claim, bind.
+        let (inner, (listener, reclaimed_socket)) = acquire_with(
+            pid_path,
+            self.signals,
+            |stale_id| {
+                clear_stale_socket(socket_path)
+                    .map_err(|e| same_file_or(e, socket_path, pid_path, stale_id))
+            },
+            |cleanup, claim| {
+                let (listener, reclaimed) = bind_claimed(spec, pid_path, claim.dev_ino, cleanup)?;
+                Ok((listener, reclaimed || claim.stale_work))
+            },
+        )?;
         Ok(DaemonGuard {
-            files,
-            pid,
-            listener: Some(listener),
-            lock: Some(claim.file),
-            registration,
-            shutdown,
             reclaimed_socket,
-            reclaimed_pid_file: claim.reclaimed,
+            listener: Some(listener),
+            inner,
+            socket_path: self.socket_path,
         })
     }
 }
 
-/// Creates, binds and listens on a close-on-exec Unix stream socket with
-/// the given mode; returns it with the socket file's device and inode.
-fn bind_socket(path: &Path, mode: u32, backlog: i32) -> Result<(UnixListener, (u64, u64))> {
-    let addr = UnixAddr::new(path).map_err(|e| errno_at("address socket", path, e))?;
-    let fd = crate::sys::stream_socket(false).map_err(|e| errno_at("create socket", path, e))?;
-    // On Linux bind(2) gives the new file the socket inode's mode less the
-    // umask, so setting it first leaves no moment with a wider mode. A chmod
-    // after bind makes the mode exact where the umask took bits away, and is
-    // the only way on other platforms.
-    let mode_t = Mode::from_bits_truncate(mode as nix::libc::mode_t);
-    if cfg!(any(target_os = "linux", target_os = "android")) {
-        let _ = fchmod(&fd, mode_t);
+/// Refuses a socket path and a PID path that name the same directory entry:
+/// equal once made absolute (which folds `.` and repeated slashes), or the
+/// same file name in directories that are one (`..`, a symlinked directory,
+/// a bind mount), compared by device and inode. Only the rare equal-name
+/// case costs a `stat(2)` of each directory.
+fn check_distinct(socket_path: &Path, socket_abs: &Path, pid_path: &Path) -> Result<()> {
+    let pid_abs = absolute(pid_path, "resolve PID file path")?;
+    let same = socket_abs == pid_abs
+        || (socket_abs.file_name().is_some()
+            && socket_abs.file_name() == pid_abs.file_name()
+            && same_dir(parent_dir(socket_abs), parent_dir(&pid_abs)));
+    if same {
+        return Err(same_path_error(socket_path, pid_path));
     }
-    bind(fd.as_raw_fd(), &addr).map_err(|e| errno_at("bind socket", path, e))?;
-    let undo = scopeguard::guard((), |()| {
-        let _ = std::fs::remove_file(path);
-    });
-    // Listen at once: a bound socket that does not listen yet refuses
-    // connections, and would look stale to a prober for that moment.
-    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
-    listen(&fd, backlog).map_err(|e| errno_at("listen on socket", path, e))?;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| io_at("examine socket", path, e))?;
-    if meta.mode() & 0o777 != mode {
-        nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
-            path,
-            mode_t,
-            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
-        )
-        .map_err(|e| errno_at("set mode of socket", path, e))?;
-    }
-    scopeguard::ScopeGuard::into_inner(undo);
-    Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))
+    Ok(())
 }
 
-/// The files a guard created and must remove, shared with the signal
-/// helper thread.
-#[derive(Debug)]
-pub(crate) struct OwnedFiles {
-    pub(crate) socket_path: PathBuf,
-    pub(crate) socket_id: (u64, u64),
-    pub(crate) pid_path: PathBuf,
-    pub(crate) pid_id: (u64, u64),
-    /// The acquiring process; a forked child never removes anything.
-    pub(crate) owner: u32,
-    /// Set by whoever cleans up first (Drop, `close`, the signal thread).
-    /// A mutex, not a flag: the signal thread must wait for a Drop that is
-    /// half-way through removing before it ends the process.
-    pub(crate) done: Mutex<bool>,
-}
-
-impl OwnedFiles {
-    /// Removes the socket, then the PID file, each only if the path still
-    /// names the inode this guard created. Runs at most once.
-    pub(crate) fn remove(&self) -> Result<()> {
-        if std::process::id() != self.owner {
-            return Ok(());
-        }
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        if std::mem::replace(&mut *done, true) {
-            return Ok(());
-        }
-        let socket = remove_if_same(&self.socket_path, self.socket_id, "remove socket").map(drop);
-        let pid = remove_if_same(&self.pid_path, self.pid_id, "remove PID file").map(drop);
-        socket.and(pid)
+fn same_dir(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
     }
 }

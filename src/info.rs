@@ -105,9 +105,10 @@ impl DaemonInfo {
         // file is replaced by ours), clear the socket under it, then give
         // it back by removing our own file. A daemon starting meanwhile
         // gets AlreadyRunning or starts after us; it never loses a file.
-        let (claim, _) = claim(&self.pid_path, std::process::id(), clear_socket)?;
-        remove_if_same(&self.pid_path, claim.dev_ino, "remove PID file")?;
+        let claim = claim(&self.pid_path, std::process::id(), |_| clear_socket())?;
+        let cleared = clear_socket();
+        let removed = remove_if_same(&self.pid_path, claim.dev_ino, "remove PID file");
         drop(claim.file);
-        Ok(())
+        cleared.and(removed).map(drop)
     }
 }

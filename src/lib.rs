@@ -80,14 +80,19 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+mod cleanup;
 mod control;
 mod error;
 mod guard;
 mod info;
+mod listener;
 mod paths;
+mod pid_guard;
 mod pidfile;
 mod probe;
+mod shutdown;
 mod signals;
+mod sync;
 mod sys;
 
 pub use control::signal_daemon;
@@ -98,12 +103,14 @@ pub use paths::{
     ensure_dir, ensure_private_dir, runtime_dir, runtime_dir_path, DEFAULT_PID_NAME,
     DEFAULT_SOCKET_NAME,
 };
+pub use pid_guard::{PidFileGuard, PidFileGuardBuilder};
 pub use pidfile::{cleanup_pid_file, read_pid_file, running_pid, write_pid_file, PID_FILE_MODE};
 pub use probe::{
     check_singleton, cleanup_socket_file, probe_socket, try_check_singleton, SingletonCheck,
     SocketState,
 };
-pub use signals::{Shutdown, SignalMode};
+pub use shutdown::Shutdown;
+pub use signals::SignalMode;
 
 // The README's and the seed description's snippets run as doctests, so the
 // documented API cannot drift from the crate.

@@ -1,5 +1,5 @@
 //! PID files: atomic writing, strict reading, idempotent removal, and the
-//! flock claim that `DaemonGuard` holds for its whole life.
+//! flock claim that the guards hold for their whole life.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
@@ -10,7 +10,7 @@ use nix::libc;
 use tempfile::NamedTempFile;
 
 use crate::error::{io_at, wrong_type, FileKind, LifecycleError, Result};
-use crate::paths::{dev_ino, lstat_opt, parent_dir, remove_if_same};
+use crate::paths::{dev_ino, ensure_dir, lstat_opt, parent_dir, remove_if_same};
 
 /// Mode of every PID file this crate writes: readable by all (tools such as
 /// `start-stop-daemon` read it), writable by the owner only.
@@ -201,6 +201,9 @@ pub(crate) struct Claim {
     pub(crate) dev_ino: (u64, u64),
     /// Whether a stale PID file (unlocked, left by a dead holder) was replaced.
     pub(crate) reclaimed: bool,
+    /// Whether any run of `under_stale` answered `true` (it reclaimed
+    /// something, such as a stale socket).
+    pub(crate) stale_work: bool,
 }
 
 /// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but
@@ -208,20 +211,22 @@ pub(crate) struct Claim {
 ///
 /// 1. A fresh file gets `"<pid>\n"`, mode 0644 and an exclusive flock before
 ///    it has a name (Linux `O_TMPFILE`; elsewhere a named temp file beside
-///    the PID file).
+///    the PID file). A missing directory is created then (0700, as
+///    [`ensure_dir`]), not looked for first.
 /// 2. It is linked in with no-replace semantics. If that works, nobody else
 ///    had the path: the claim is ours.
 /// 3. Otherwise the existing file is opened read-only (`O_NOFOLLOW`) and
 ///    `flock(LOCK_EX|LOCK_NB)`ed. `EWOULDBLOCK` means a live holder:
 ///    [`LifecycleError::AlreadyRunning`], and nothing of theirs was touched.
-/// 4. Got the lock: its holder is dead. While still holding that lock, and
-///    only if the path still names the inode we locked, the stale file is
-///    unlinked; then back to step 2.
+/// 4. Got the lock: its holder is dead. While still holding that lock,
+///    `under_stale` runs with the stale file's device and inode (the
+///    guard's socket probe: a daemon that does not use the lock but serves on
+///    the socket makes it fail, and then the stale file stays as it was).
+///    Then, only if the path still names the inode we locked, the stale file
+///    is unlinked, and back to step 2.
 ///
-/// `under_claim` (the guard's socket probe) runs under each dead holder's
-/// lock before its file goes, and under our own placed file at the end. If
-/// it fails (a daemon that does not use the lock serves on the socket), the
-/// stale PID file stays as it was, and ours is taken back.
+/// What must happen under the claim once it is ours (binding the socket) is
+/// the caller's next step; if it fails, the caller removes our file.
 ///
 /// Every file that can be at the path is locked by a live process or
 /// provably stale, and only a no-replace link puts a file there, so two
@@ -229,19 +234,14 @@ pub(crate) struct Claim {
 pub(crate) fn claim(
     pid_path: &Path,
     pid: u32,
-    mut under_claim: impl FnMut() -> Result<bool>,
-) -> Result<(Claim, bool)> {
-    // `under_claim` runs under every stale lock we are about to remove (so a
-    // refusal touches no file of a daemon that does not use the lock), and
-    // once more under our own placed file: that last run is the one that
-    // counts, since other starters may have come and gone in between. It
-    // returns whether it reclaimed something; the answers are or-ed.
-    let mut checked = false;
+    mut under_stale: impl FnMut((u64, u64)) -> Result<bool>,
+) -> Result<Claim> {
     // No "is someone there?" look before creating our file: when dozens of
     // processes start at once, losers that look first and then link anyway
     // queue on the directory, and their p99 rose from about 0.15 ms to 6 ms
     // in the contention harness (BENCHMARKS.md).
     let mut reclaimed = false;
+    let mut stale_work = false;
 
     let mut fresh = Fresh::new(pid_path, pid)?;
     // Our own new file: nobody else can have locked it.
@@ -269,21 +269,18 @@ pub(crate) fn claim(
     for _ in 0..64 {
         match fresh.place(pid_path) {
             Ok(file) => {
-                checked |= under_claim().inspect_err(|_| {
-                    let _ = remove_if_same(pid_path, ours, "remove PID file");
-                })?;
-                let claim = Claim {
+                return Ok(Claim {
                     file,
                     dev_ino: ours,
                     reclaimed,
-                };
-                return Ok((claim, checked));
+                    stale_work,
+                })
             }
             Err((back, e)) if e.kind() == io::ErrorKind::AlreadyExists => fresh = back,
             Err((_, e)) => return Err(io_at("create PID file", pid_path, e)),
         }
         if let Some((stale, id)) = lock_existing(pid_path)? {
-            checked |= under_claim()?;
+            stale_work |= under_stale(id)?;
             reclaimed |= remove_if_same(pid_path, id, "remove stale PID file")?;
             drop(stale);
         }
@@ -306,6 +303,24 @@ enum Fresh {
 
 impl Fresh {
     fn new(pid_path: &Path, pid: u32) -> Result<Fresh> {
+        match Self::new_in_existing_dir(pid_path, pid) {
+            // The directory is almost always there: create it only when the
+            // first try says it is missing (one failing call, instead of a
+            // stat on every start).
+            Err(LifecycleError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                ensure_dir(parent_dir(pid_path))?;
+                Self::new_in_existing_dir(pid_path, pid)
+            }
+            other => other,
+        }
+    }
+
+    fn new_in_existing_dir(pid_path: &Path, pid: u32) -> Result<Fresh> {
         let dir = parent_dir(pid_path);
         match crate::sys::unnamed_file_in(dir) {
             Ok(Some(mut file)) => {

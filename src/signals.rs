@@ -3,21 +3,22 @@
 //!
 //! The raw handler (installed once through signal-hook, never removed) only
 //! checks `getpid(2)` and writes one byte to a pipe: no allocation, no lock.
-//! The helper thread does the real work in ordinary Rust: remove the guards'
-//! files and re-raise the signal with its default action, or wake the graceful
-//! guards' [`Shutdown`] handles.
+//! The helper thread does the real work in ordinary Rust: run the guards'
+//! [`Cleanup`] and re-raise the signal with its default action, or wake the
+//! graceful guards' [`Shutdown`] handles.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
 use nix::libc;
 
+use crate::cleanup::Cleanup;
 use crate::error::{LifecycleError, Result};
-use crate::guard::OwnedFiles;
+use crate::shutdown::Shutdown;
+use crate::sync::lock;
 
 /// What a guard does when the process receives SIGTERM or SIGINT.
 ///
@@ -72,105 +73,6 @@ pub enum SignalMode {
     Off,
 }
 
-/// A shutdown request for a daemon: set by SIGTERM/SIGINT in
-/// [`SignalMode::Graceful`], or by [`Shutdown::request`] (a `stop` command on
-/// the daemon's socket, say).
-///
-/// Cheap to clone and `Send + Sync`: hand a clone to the threads that must
-/// notice the request.
-///
-/// ```
-/// use historia_lifecycle::{DaemonGuard, SignalMode};
-/// let dir = tempfile::tempdir()?;
-/// let guard = DaemonGuard::builder(dir.path().join("d.sock"), dir.path().join("d.pid"))
-///     .signals(SignalMode::Graceful)
-///     .acquire()?;
-/// let shutdown = guard.shutdown().clone();
-/// std::thread::spawn(move || shutdown.request()); // e.g. a `stop` command
-/// guard.shutdown().wait();
-/// assert_eq!(guard.shutdown().exit_code(), 0);
-/// guard.close()?; // files removed here
-/// # Ok::<(), historia_lifecycle::LifecycleError>(())
-/// ```
-#[derive(Debug, Clone, Default)]
-pub struct Shutdown {
-    inner: Arc<ShutdownInner>,
-}
-
-#[derive(Debug, Default)]
-struct ShutdownInner {
-    /// `None` until requested; then `Some(0)` for [`Shutdown::request`] or
-    /// `Some(signal number)`.
-    state: Mutex<Option<i32>>,
-    cv: Condvar,
-}
-
-impl Shutdown {
-    /// Asks for a shutdown, waking every [`wait`](Self::wait)er. Idempotent;
-    /// the first reason is kept.
-    pub fn request(&self) {
-        self.set(0);
-    }
-
-    fn set(&self, why: i32) {
-        let mut state = lock(&self.inner.state);
-        if state.is_none() {
-            *state = Some(why);
-        }
-        self.inner.cv.notify_all();
-    }
-
-    /// Whether a shutdown has been requested.
-    pub fn is_requested(&self) -> bool {
-        lock(&self.inner.state).is_some()
-    }
-
-    /// Blocks until a shutdown is requested.
-    pub fn wait(&self) {
-        let mut state = lock(&self.inner.state);
-        while state.is_none() {
-            state = self.inner.cv.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Blocks until a shutdown is requested or `timeout` passes; returns
-    /// whether it was requested.
-    pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = lock(&self.inner.state);
-        while state.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            state = self
-                .inner
-                .cv
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
-    }
-
-    /// The signal that requested the shutdown (`libc::SIGTERM`, …), or `None`
-    /// when none has, or when it came from [`request`](Self::request).
-    pub fn signal(&self) -> Option<i32> {
-        lock(&self.inner.state).filter(|&s| s != 0)
-    }
-
-    /// The conventional exit status for this shutdown: `128 + signal` after a
-    /// signal (143 for SIGTERM, 130 for SIGINT), 0 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        self.signal().map_or(0, |s| 128 + s)
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not stop cleanup: the data is still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Write end of the self-pipe, read by the raw handler.
 static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 /// The process the helper thread serves; a forked child sees another PID.
@@ -182,7 +84,7 @@ static ACTIONS_REGISTERED: AtomicBool = AtomicBool::new(false);
 struct Entry {
     id: u64,
     mode: SignalMode,
-    files: Arc<OwnedFiles>,
+    cleanup: Arc<Cleanup>,
     shutdown: Shutdown,
 }
 
@@ -199,34 +101,50 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     installed_for: 0,
 });
 
-/// A guard's place in the registry; removed on drop.
+/// A guard's place in the registry. [`Registration::unregister`] leaves it;
+/// a registration merely dropped (after `keep()`) leaves it too, after
+/// checking it is not a forked child's copy.
 #[derive(Debug)]
 pub(crate) struct Registration {
     id: u64,
     pid: i32,
 }
 
-impl Drop for Registration {
-    fn drop(&mut self) {
-        if nix::unistd::getpid().as_raw() != self.pid {
-            return; // a forked child's copy: the registry is not its own
+impl Registration {
+    /// Leaves the registry. `is_owner` is the caller's answer to "is this
+    /// the registering process?", which it already needed for its cleanup: a
+    /// forked child's copy must not edit a registry that is not its own.
+    pub(crate) fn unregister(self, is_owner: bool) {
+        if is_owner {
+            remove_entry(self.id);
         }
-        lock(&REGISTRY).entries.retain(|e| e.id != self.id);
+        std::mem::forget(self);
     }
 }
 
-/// Adds a guard's files to the signal handling, installing the handler and
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if nix::unistd::getpid().as_raw() == self.pid {
+            remove_entry(self.id);
+        }
+    }
+}
+
+fn remove_entry(id: u64) {
+    lock(&REGISTRY).entries.retain(|e| e.id != id);
+}
+
+/// Adds a guard's cleanup to the signal handling, installing the handler and
 /// the helper thread on first use in this process.
 pub(crate) fn register(
     mode: SignalMode,
-    files: Arc<OwnedFiles>,
+    cleanup: Arc<Cleanup>,
     shutdown: Shutdown,
-    pid: u32,
 ) -> Result<Option<Registration>> {
     if mode == SignalMode::Off {
         return Ok(None);
     }
-    let pid = pid as i32;
+    let pid = cleanup.owner() as i32;
     let mut reg = lock(&REGISTRY);
     if reg.installed_for != pid {
         install(&mut reg, pid).map_err(LifecycleError::Signals)?;
@@ -236,7 +154,7 @@ pub(crate) fn register(
     reg.entries.push(Entry {
         id,
         mode,
-        files,
+        cleanup,
         shutdown,
     });
     Ok(Some(Registration { id, pid }))
@@ -318,8 +236,10 @@ fn dispatch(sig: i32) {
         return;
     }
     for e in &reg.entries {
-        // Best effort: the process ends next whatever happens here.
-        let _ = e.files.remove();
+        // Best effort: the process ends next whatever happens here. The
+        // helper thread only runs in the process that installed it, the
+        // owner of every registered entry.
+        let _ = e.cleanup.run(true);
     }
     // The registry stays locked while the process dies, so no guard can be
     // dropped or acquired half-way.

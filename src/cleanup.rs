@@ -1,0 +1,110 @@
+//! Owned cleanup: the files a guard created, removed at most once, by Drop,
+//! `close()` or the signal thread, whichever comes first.
+//!
+//! Each entry is the file's absolute path, made so at acquire, so a later
+//! `chdir(2)` (daemonizing does `chdir("/")`) cannot send the removal to
+//! another file, and the device and inode it had when it was created. A file
+//! is removed only in the process that created it, and only while the path
+//! still names that inode: a forked child, or an operator who replaced the
+//! files, never loses anything.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::error::Result;
+use crate::paths::remove_if_same;
+use crate::sync::lock;
+
+/// One file to remove at cleanup.
+#[derive(Debug)]
+struct Owned {
+    /// Absolute, so the working directory at cleanup time does not matter.
+    path: PathBuf,
+    dev_ino: (u64, u64),
+    /// The operation named in an error ("remove socket").
+    op: &'static str,
+}
+
+/// Where cleanup stands; guarded by one mutex so the signal thread waits for
+/// a Drop that is half-way through, instead of ending the process mid-way.
+#[derive(Debug, Default)]
+struct State {
+    /// Someone ran the cleanup (or `keep()` disarmed it for good).
+    done: bool,
+    /// `disable_cleanup(true)`: leave the files, but can be turned back on.
+    disabled: bool,
+}
+
+/// The files a guard owns, removed in the reverse order they were added (the
+/// socket before the PID file whose claim covers it).
+#[derive(Debug)]
+pub(crate) struct Cleanup {
+    entries: Vec<Owned>,
+    /// The acquiring process; a forked child never removes anything.
+    owner: u32,
+    state: Mutex<State>,
+}
+
+impl Cleanup {
+    /// An empty list owned by process `owner`.
+    pub(crate) fn new(owner: u32) -> Self {
+        Cleanup {
+            entries: Vec::new(),
+            owner,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Adds a file that this process just created at `path` (absolute), with
+    /// its device and inode.
+    pub(crate) fn push(&mut self, path: PathBuf, dev_ino: (u64, u64), op: &'static str) {
+        debug_assert!(path.is_absolute(), "{} must be absolute", path.display());
+        self.entries.push(Owned { path, dev_ino, op });
+    }
+
+    /// The process that owns the files.
+    pub(crate) fn owner(&self) -> u32 {
+        self.owner
+    }
+
+    /// Removes every entry still naming its inode, newest first; runs at most
+    /// once, and only in the owner process (`is_owner` is the caller's
+    /// `getpid(2)` answer, so one syscall serves cleanup and unregistering).
+    /// Every entry is tried; the first error is returned.
+    pub(crate) fn run(&self, is_owner: bool) -> Result<()> {
+        if !is_owner {
+            return Ok(());
+        }
+        let mut state = lock(&self.state);
+        if state.done || state.disabled {
+            return Ok(());
+        }
+        state.done = true;
+        let mut first_error = Ok(());
+        for e in self.entries.iter().rev() {
+            if let Err(err) = remove_if_same(&e.path, e.dev_ino, e.op) {
+                if first_error.is_ok() {
+                    first_error = Err(err);
+                }
+            }
+        }
+        first_error
+    }
+
+    /// Disarms the cleanup for good (`keep()`).
+    pub(crate) fn disarm(&self) {
+        lock(&self.state).done = true;
+    }
+
+    /// Turns the cleanup off or back on (`disable_cleanup`).
+    pub(crate) fn set_disabled(&self, disabled: bool) {
+        lock(&self.state).disabled = disabled;
+    }
+}
+
+/// `path` made absolute against the current directory, without touching the
+/// file system beyond `getcwd(2)` (and not even that for an absolute path),
+/// as tempfile does for the paths it must delete later.
+pub(crate) fn absolute(path: &Path, what: &'static str) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| crate::error::io_at(what, path, e))
+}

@@ -1,0 +1,160 @@
+//! The socket a [`DaemonGuard`](crate::DaemonGuard) binds under its claim:
+//! a provably stale socket is reclaimed, then a fresh one is bound with an
+//! exact mode and listened on at once.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::socket::{bind, listen, Backlog, UnixAddr};
+use nix::sys::stat::{fchmod, Mode};
+
+use crate::cleanup::Cleanup;
+use crate::error::{errno_at, io_at, FileKind, LifecycleError, Result};
+use crate::paths::{dev_ino, ensure_dir, parent_dir};
+use crate::probe::clear_stale_socket;
+
+/// How to bind: the path as given (it goes into `sun_path` unchanged), the
+/// same path made absolute (for cleanup), the mode and the backlog.
+pub(crate) struct BindSpec<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) absolute: PathBuf,
+    pub(crate) mode: u32,
+    pub(crate) backlog: i32,
+}
+
+/// Under the claim: binds the socket, listing it in `cleanup`, and says
+/// whether a stale socket had to be removed first.
+///
+/// Binding comes first: on the common start nothing is at the path, and a
+/// successful `bind(2)` proves it without a probe. Only `EADDRINUSE` leads to
+/// the probe, which removes a provably stale socket (then bind again) or
+/// refuses: [`LifecycleError::AlreadyRunning`] for a listener that does not
+/// use the claim, [`LifecycleError::UnexpectedFileType`] for a non-socket.
+/// `pid_id` is the claim's PID file, to tell "the socket path names the PID
+/// file" from any other regular file in the way.
+pub(crate) fn bind_claimed(
+    spec: BindSpec<'_>,
+    pid_path: &Path,
+    pid_id: (u64, u64),
+    cleanup: &mut Cleanup,
+) -> Result<(UnixListener, bool)> {
+    let path = spec.path;
+    let mut reclaimed = false;
+    let mut created_dir = false;
+    // Each round binds, or clears what was in the way; another process
+    // re-creating the path over and over is fighting us, and an error.
+    for _ in 0..8 {
+        match bind_socket(path, spec.mode, spec.backlog) {
+            Ok((listener, id)) => {
+                cleanup.push(spec.absolute, id, "remove socket");
+                return Ok((listener, reclaimed));
+            }
+            Err(Bind::InUse) => {
+                reclaimed |= clear_stale_socket(path)
+                    .map_err(|e| same_file_or(e, path, pid_path, pid_id))?;
+            }
+            Err(Bind::NoDir) if !created_dir => {
+                ensure_dir(parent_dir(path))?;
+                created_dir = true;
+            }
+            Err(Bind::NoDir) => {
+                return Err(errno_at("bind socket", path, Errno::ENOENT));
+            }
+            Err(Bind::Failed(e)) => return Err(e),
+        }
+    }
+    Err(io_at(
+        "bind socket",
+        path,
+        io::Error::other("the path kept changing while it was bound"),
+    ))
+}
+
+/// Turns "a regular file is at the socket path" into the clearer
+/// [`LifecycleError::InvalidArgument`] when that file is the PID file itself
+/// (two spellings of one path, or a hard link to it).
+pub(crate) fn same_file_or(
+    e: LifecycleError,
+    socket_path: &Path,
+    pid_path: &Path,
+    pid_id: (u64, u64),
+) -> LifecycleError {
+    match e {
+        LifecycleError::UnexpectedFileType {
+            found: FileKind::Regular,
+            ..
+        } if dev_ino(socket_path) == Some(pid_id) => same_path_error(socket_path, pid_path),
+        other => other,
+    }
+}
+
+/// The error for a socket path and a PID path that name one file.
+pub(crate) fn same_path_error(socket_path: &Path, pid_path: &Path) -> LifecycleError {
+    LifecycleError::InvalidArgument {
+        what: "paths",
+        reason: format!(
+            "the socket {} and the PID file {} are the same file",
+            socket_path.display(),
+            pid_path.display()
+        ),
+    }
+}
+
+/// Why [`bind_socket`] failed.
+enum Bind {
+    /// `EADDRINUSE`: something is at the path.
+    InUse,
+    /// `ENOENT`: the directory is missing.
+    NoDir,
+    Failed(LifecycleError),
+}
+
+/// Creates, binds and listens on a close-on-exec Unix stream socket with
+/// the given mode; returns it with the socket file's device and inode.
+fn bind_socket(
+    path: &Path,
+    mode: u32,
+    backlog: i32,
+) -> std::result::Result<(UnixListener, (u64, u64)), Bind> {
+    let failed = |op, e| Bind::Failed(errno_at(op, path, e));
+    let addr = UnixAddr::new(path).map_err(|e| failed("address socket", e))?;
+    let fd = crate::sys::stream_socket(false).map_err(|e| failed("create socket", e))?;
+    // On Linux bind(2) gives the new file the socket inode's mode less the
+    // umask, so setting it first leaves no moment with a wider mode. A chmod
+    // after bind makes the mode exact where the umask took bits away, and is
+    // the only way on other platforms.
+    let mode_t = Mode::from_bits_truncate(mode as nix::libc::mode_t);
+    if cfg!(any(target_os = "linux", target_os = "android")) {
+        let _ = fchmod(&fd, mode_t);
+    }
+    match bind(fd.as_raw_fd(), &addr) {
+        Ok(()) => {}
+        Err(Errno::EADDRINUSE) => return Err(Bind::InUse),
+        Err(Errno::ENOENT) => return Err(Bind::NoDir),
+        Err(e) => return Err(failed("bind socket", e)),
+    }
+    let undo = scopeguard::guard((), |()| {
+        let _ = std::fs::remove_file(path);
+    });
+    // Listen at once: a bound socket that does not listen yet refuses
+    // connections, and would look stale to a prober for that moment.
+    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
+    listen(&fd, backlog).map_err(|e| failed("listen on socket", e))?;
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| Bind::Failed(io_at("examine socket", path, e)))?;
+    if meta.mode() & 0o777 != mode {
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            mode_t,
+            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| failed("set mode of socket", e))?;
+    }
+    scopeguard::ScopeGuard::into_inner(undo);
+    Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))
+}

@@ -1,0 +1,269 @@
+//! `PidFileGuard`: the claim on a PID file, with owned cleanup and signal
+//! handling, and no socket. `DaemonGuard` is this plus a listener.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cleanup::{absolute, Cleanup};
+use crate::error::Result;
+use crate::pidfile::{claim, Claim};
+use crate::shutdown::Shutdown;
+use crate::signals::{register, Registration, SignalMode};
+
+/// Proof that this process is the one running instance, for a daemon that
+/// needs no Unix socket: it holds the claim on the PID file and the duty to
+/// remove it.
+///
+/// Use it for TCP or HTTP servers, workers that serve nothing, or units with
+/// systemd's `PIDFile=`: the same guarantees as [`DaemonGuard`] (exactly one
+/// winner among racers, a PID file that always names the live holder,
+/// recovery after SIGKILL, cleanup on Drop, SIGTERM and SIGINT), without
+/// binding anything. It is what the `pidlock`, `pidfile-rs` and
+/// `single-instance` crates offer, plus the lock that makes it safe.
+///
+/// # Lifecycle
+/// 1. **Acquire.** [`PidFileGuard::acquire`] takes an exclusive `flock(2)` on
+///    the PID file, written atomically with this PID (as FreeBSD
+///    pidfile(3), but never torn), replacing a stale one left by a dead
+///    holder. A second instance gets [`LifecycleError::AlreadyRunning`] and
+///    changes nothing; [`running_pid`](crate::running_pid) names the holder.
+/// 2. **Serve.** The flock stays held for the guard's whole life.
+/// 3. **End.** Drop (or [`close`](Self::close), which reports errors)
+///    removes the PID file, then releases the lock. SIGTERM/SIGINT do the
+///    same from a helper thread ([`SignalMode`]).
+///
+/// ```
+/// use historia_lifecycle::{running_pid, LifecycleError, PidFileGuard};
+/// let dir = tempfile::tempdir()?;
+/// let pid = dir.path().join("run/server.pid");
+///
+/// let guard = PidFileGuard::acquire(&pid)?;
+/// assert!(matches!(PidFileGuard::acquire(&pid), Err(LifecycleError::AlreadyRunning)));
+/// assert_eq!(running_pid(&pid)?, Some(std::process::id()));
+/// // ... bind a TCP listener and serve ...
+/// guard.close()?;
+/// assert!(!pid.exists());
+/// # Ok::<(), LifecycleError>(())
+/// ```
+///
+/// # Ownership rules
+/// Cleanup removes the PID file only in the process that acquired the guard
+/// (a `fork(2)`ed child that drops its copy removes nothing) and only while
+/// the path still names the inode the guard created (a newer instance's
+/// file is left alone). The path is made absolute at acquire, so a later
+/// `chdir(2)` does not change which file cleanup looks at.
+///
+/// # What cleanup cannot cover
+/// SIGKILL, `std::process::abort`, `std::process::exit`, `panic = "abort"`
+/// and power loss run no code, so the PID file stays. The kernel drops the
+/// flock with the process, so the next acquire replaces the file by itself.
+///
+/// [`DaemonGuard`]: crate::DaemonGuard
+/// [`LifecycleError::AlreadyRunning`]: crate::LifecycleError::AlreadyRunning
+#[must_use = "the claim is released, and the PID file removed, when the guard is dropped"]
+#[derive(Debug)]
+pub struct PidFileGuard {
+    cleanup: Arc<Cleanup>,
+    pid_path: PathBuf,
+    /// The flocked PID file: the claim itself. `None` once released.
+    lock: Option<File>,
+    registration: Option<Registration>,
+    shutdown: Shutdown,
+    reclaimed_pid_file: bool,
+}
+
+/// Options for [`PidFileGuard`]; made by [`PidFileGuard::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "call .acquire() to take the claim"]
+pub struct PidFileGuardBuilder {
+    pid_path: PathBuf,
+    signals: SignalMode,
+}
+
+impl PidFileGuard {
+    /// Claims the single-instance right for `pid_path`, with
+    /// [`SignalMode::Exit`]. See [`PidFileGuard::builder`] for options.
+    ///
+    /// # Errors
+    /// - [`LifecycleError::AlreadyRunning`] when another live process holds
+    ///   the claim. Its PID is [`running_pid`](crate::running_pid)`(pid_path)`.
+    /// - [`LifecycleError::UnexpectedFileType`] when something other than a
+    ///   regular file is at `pid_path` (or a non-directory is in the way of
+    ///   its directory); it is left untouched.
+    /// - [`LifecycleError::Io`] when the directory cannot be created, the PID
+    ///   file cannot be written, or the path is relative and the current
+    ///   directory cannot be read.
+    /// - [`LifecycleError::Signals`] when the signal handling cannot be
+    ///   installed.
+    ///
+    /// On every error, nothing this call created is left behind.
+    ///
+    /// [`LifecycleError::AlreadyRunning`]: crate::LifecycleError::AlreadyRunning
+    /// [`LifecycleError::UnexpectedFileType`]: crate::LifecycleError::UnexpectedFileType
+    /// [`LifecycleError::Io`]: crate::LifecycleError::Io
+    /// [`LifecycleError::Signals`]: crate::LifecycleError::Signals
+    pub fn acquire(pid_path: impl AsRef<Path>) -> Result<Self> {
+        Self::builder(pid_path).acquire()
+    }
+
+    /// Starts a [`PidFileGuardBuilder`] for `pid_path`.
+    pub fn builder(pid_path: impl AsRef<Path>) -> PidFileGuardBuilder {
+        PidFileGuardBuilder {
+            pid_path: pid_path.as_ref().to_path_buf(),
+            signals: SignalMode::Exit,
+        }
+    }
+
+    /// The PID written to the PID file: this process's.
+    pub fn pid(&self) -> u32 {
+        self.cleanup.owner()
+    }
+
+    /// The PID file path, as given to the builder.
+    pub fn pid_path(&self) -> &Path {
+        &self.pid_path
+    }
+
+    /// Whether acquiring replaced a stale PID file left by a dead instance.
+    pub fn reclaimed_stale_pid_file(&self) -> bool {
+        self.reclaimed_pid_file
+    }
+
+    /// The guard's shutdown handle. In [`SignalMode::Graceful`] SIGTERM and
+    /// SIGINT set it; in every mode [`Shutdown::request`] does.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    /// Removes the PID file, then releases the claim, reporting what went
+    /// wrong. Drop does the same but has to stay silent.
+    ///
+    /// Never cleans up twice: after a signal already did, in a forked child,
+    /// or with cleanup disabled, it removes nothing and returns `Ok(())`.
+    ///
+    /// # Errors
+    /// [`LifecycleError::Io`](crate::LifecycleError::Io) when the PID file is
+    /// still ours but cannot be removed. The claim is released anyway.
+    pub fn close(mut self) -> Result<()> {
+        self.release(|| ())
+    }
+
+    /// Turns cleanup off (`true`) or back on (`false`) without giving up the
+    /// guard, as tempfile's `disable_cleanup`: while it is off, Drop,
+    /// [`close`](Self::close) and the signal handling leave the PID file in
+    /// place. The claim itself still ends when the guard is dropped; the file
+    /// left behind is then a stale PID file that the next acquire replaces.
+    /// To keep the claim too, use [`keep`](Self::keep).
+    pub fn disable_cleanup(&mut self, disable: bool) {
+        self.cleanup.set_disabled(disable);
+    }
+
+    /// Escape hatch: disarms cleanup and signal handling and hands back the
+    /// flocked PID file, for example to pass it to a re-`exec`ed new version
+    /// of the daemon. The file stays on disk, and the claim lasts as long as
+    /// the returned [`File`] (and its duplicates) stay open. The descriptor
+    /// is close-on-exec; clear `FD_CLOEXEC` to pass it on.
+    pub fn keep(mut self) -> File {
+        self.keep_in_place()
+    }
+
+    /// [`keep`](Self::keep) for a guard that is a field of another: leaves
+    /// it released, so its Drop does nothing.
+    pub(crate) fn keep_in_place(&mut self) -> File {
+        self.cleanup.disarm();
+        self.registration = None;
+        self.lock.take().expect("a live guard holds its lock")
+    }
+
+    /// Removes the files, runs `before_unlock` (the socket guard closes its
+    /// listener there), then leaves the signal registry and releases the
+    /// claim. Runs once; later calls do nothing.
+    pub(crate) fn release(&mut self, before_unlock: impl FnOnce()) -> Result<()> {
+        if self.lock.is_none() {
+            return Ok(()); // released already (or kept)
+        }
+        // One getpid(2) answers both "may we remove?" and "may we edit the
+        // registry?": a forked child's copy may do neither.
+        let is_owner = std::process::id() == self.cleanup.owner();
+        // Remove before leaving the signal registry: a signal arriving now
+        // makes the helper thread wait for us to finish, instead of ending
+        // the process half-way through.
+        let removed = self.cleanup.run(is_owner);
+        if let Some(r) = self.registration.take() {
+            r.unregister(is_owner);
+        }
+        before_unlock();
+        self.lock = None; // releases the claim, after the files are gone
+        removed
+    }
+}
+
+impl Drop for PidFileGuard {
+    fn drop(&mut self) {
+        // Best effort: errors are reported by `close()`, never by a panic.
+        let _ = self.release(|| ());
+    }
+}
+
+impl PidFileGuardBuilder {
+    /// What SIGTERM and SIGINT do; default [`SignalMode::Exit`].
+    pub fn signals(mut self, mode: SignalMode) -> Self {
+        self.signals = mode;
+        self
+    }
+
+    /// Takes the claim and installs the signal handling.
+    ///
+    /// # Errors
+    /// As [`PidFileGuard::acquire`].
+    #[must_use = "the claim is released as soon as the guard is dropped"]
+    pub fn acquire(self) -> Result<PidFileGuard> {
+        let (guard, ()) = acquire_with(&self.pid_path, self.signals, |_| Ok(false), |_, _| Ok(()))?;
+        Ok(guard)
+    }
+}
+
+/// The one acquisition path for every guard: takes the claim on `pid_path`,
+/// runs `under_stale` under each dead holder's lock (see
+/// [`claim`]), then `then` under our own claim, which may add files to the
+/// cleanup (the socket it binds) and returns what the front door needs (its
+/// listener). If `then` or the signal set-up fails, or anything panics,
+/// every file listed so far is removed again before the error returns.
+pub(crate) fn acquire_with<T>(
+    pid_path: &Path,
+    signals: SignalMode,
+    under_stale: impl FnMut((u64, u64)) -> Result<bool>,
+    then: impl FnOnce(&mut Cleanup, &Claim) -> Result<T>,
+) -> Result<(PidFileGuard, T)> {
+    let pid = std::process::id();
+    let abs_pid = absolute(pid_path, "resolve PID file path")?;
+    let claim = claim(pid_path, pid, under_stale)?;
+    let mut cleanup = Cleanup::new(pid);
+    cleanup.push(abs_pid, claim.dev_ino, "remove PID file");
+    // Until the guard exists, undo what we placed if a later step fails or
+    // panics.
+    let mut rollback = scopeguard::guard(cleanup, |c| {
+        let _ = c.run(true);
+    });
+    let extra = then(&mut rollback, &claim)?;
+    let cleanup = Arc::new(scopeguard::ScopeGuard::into_inner(rollback));
+    let shutdown = Shutdown::default();
+    let registration = match register(signals, Arc::clone(&cleanup), shutdown.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            drop(extra);
+            let _ = cleanup.run(true);
+            return Err(e);
+        }
+    };
+    let guard = PidFileGuard {
+        cleanup,
+        pid_path: pid_path.to_path_buf(),
+        lock: Some(claim.file),
+        registration,
+        shutdown,
+        reclaimed_pid_file: claim.reclaimed,
+    };
+    Ok((guard, extra))
+}
