@@ -21,6 +21,19 @@
 //! # Ok::<(), LifecycleError>(())
 //! ```
 //!
+//! A daemon that serves TCP or HTTP, or nothing at all, and only needs "one
+//! instance, a PID file tools trust, cleanup on Drop and signals" (a unit
+//! with systemd's `PIDFile=`) uses [`PidFileGuard`]: the same claim, with no
+//! socket.
+//!
+//! ```
+//! use historia_lifecycle::{LifecycleError, PidFileGuard};
+//! let dir = tempfile::tempdir()?;
+//! let _guard = PidFileGuard::acquire(dir.path().join("server.pid"))?;
+//! // let tcp = std::net::TcpListener::bind("127.0.0.1:8080")?; ...
+//! # Ok::<(), LifecycleError>(())
+//! ```
+//!
 //! # Lifecycle: acquire → serve → Drop or signal
 //! 1. [`DaemonGuard::acquire`] takes an exclusive `flock(2)` on the PID file,
 //!    held for the guard's whole life (FreeBSD pidfile(3) style, written
@@ -34,6 +47,10 @@
 //!    graceful shutdown.
 //!
 //! # Design
+//! - **One claim, several front doors.** Every guard rests on the same
+//!   claim: an exclusive flock on the PID file, held for the guard's life.
+//!   [`PidFileGuard`] is the claim with owned cleanup and signal handling;
+//!   [`DaemonGuard`] is that plus a socket bound under the claim.
 //! - **The lock decides, never the PID.** A PID file's number may be stale or
 //!   recycled; the flock dies with its holder. A PID file that is empty,
 //!   garbage, or names some unrelated process does not block a start.
@@ -42,7 +59,8 @@
 //!   `lstat(2)` says is a socket. Regular files, directories, FIFOs and
 //!   symlinks at our paths are reported with
 //!   [`LifecycleError::UnexpectedFileType`] and left alone. Removal checks the
-//!   device and inode first.
+//!   device and inode first, and uses the paths made absolute at acquire, so
+//!   a `chdir(2)` in between changes nothing.
 //! - **No hangs.** Probes use a non-blocking `connect(2)`; PID files are
 //!   opened `O_NONBLOCK|O_NOFOLLOW` and read with a 64-byte bound.
 //! - **Synchronous.** No async runtime is needed; everything runs before one
