@@ -46,6 +46,14 @@
 //!    they are still the files it created. See [`SignalMode`] for signals and
 //!    graceful shutdown.
 //!
+//! # Service managers
+//! [`Notifier`] reports readiness the `sd_notify(3)` way (`READY=1`,
+//! `STOPPING=1`, `RELOADING=1`, …) to systemd or `start-stop-daemon
+//! --notify-await`; [`activated_listener`] adopts the socket a `.socket` unit
+//! or `systemd-socket-activate` passed (`sd_listen_fds(3)`). Both read the
+//! environment and never write it; [`scrub_service_env`] keeps those
+//! variables from the children a daemon spawns.
+//!
 //! # Design
 //! - **One claim, several front doors.** Every guard rests on the same
 //!   claim: an exclusive flock on the PID file, held for the guard's life.
@@ -98,12 +106,14 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+mod activation;
 mod cleanup;
 mod control;
 mod error;
 mod guard;
 mod info;
 mod listener;
+mod notify;
 mod paths;
 mod pid_guard;
 mod pidfile;
@@ -113,10 +123,12 @@ mod signals;
 mod sync;
 mod sys;
 
+pub use activation::activated_listener;
 pub use control::signal_daemon;
 pub use error::{FileKind, LifecycleError, Result};
 pub use guard::{DaemonGuard, DaemonGuardBuilder, DEFAULT_BACKLOG, DEFAULT_SOCKET_MODE};
 pub use info::DaemonInfo;
+pub use notify::{scrub_service_env, Message, Notifier};
 pub use paths::{
     ensure_dir, ensure_private_dir, runtime_dir, runtime_dir_path, DEFAULT_PID_NAME,
     DEFAULT_SOCKET_NAME,
