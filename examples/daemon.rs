@@ -133,7 +133,11 @@ fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<dyn Err
         }
         Err(e) => return Err(context("cannot start", e)),
     };
-    say!("{}", reclaim_note(&guard));
+    if guard.is_socket_activated() {
+        say!("socket passed down by the service manager (socket activation)");
+    } else {
+        say!("{}", reclaim_note(&guard));
+    }
     say!("pid {}", guard.pid());
 
     let Some(listener) = guard.take_listener() else {
@@ -152,6 +156,11 @@ fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<dyn Err
         .name("accept".into())
         .spawn(move || accept_loop(listener, acceptor_state))
         .map_err(|e| context("cannot start the accept thread", e))?;
+    // One call tells every waiting party: READY=1 to systemd or
+    // `start-stop-daemon --notify-await` when NOTIFY_SOCKET is set.
+    if let Err(e) = guard.ready() {
+        report("daemon", context("cannot report readiness", e).as_ref());
+    }
     say!("ready");
 
     guard.shutdown().wait();

@@ -24,6 +24,36 @@ use nix::sys::socket::SockType;
 
 use crate::error::{LifecycleError, Result};
 
+/// Whether a [`DaemonGuard`](crate::DaemonGuard) takes the listening socket a
+/// service manager passed down (socket activation) instead of binding its
+/// own; set with
+/// [`DaemonGuardBuilder::socket_activation`](crate::DaemonGuardBuilder::socket_activation).
+///
+/// An adopted socket belongs to the manager (`systemd.socket(5)`): the guard
+/// never probes, binds, chmods or unlinks it, on Drop or on a signal. It
+/// still takes the PID file's claim, so a second, hand-started instance gets
+/// [`LifecycleError::AlreadyRunning`].
+///
+/// # The probing hazard
+/// Under a `.socket` unit, a `connect(2)` to the socket *starts the
+/// service*. Tools that probe it ([`probe_socket`](crate::probe_socket),
+/// [`check_singleton`](crate::check_singleton), a client's ping) wake the
+/// daemon; use [`running_pid`](crate::running_pid) to ask whether it runs
+/// without starting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Activation {
+    /// Default: adopt the socket when `LISTEN_PID`/`LISTEN_FDS` offer one to
+    /// this process, else bind one.
+    #[default]
+    Auto,
+    /// Adopt, and fail with [`LifecycleError::InvalidArgument`] when no
+    /// socket was passed down.
+    Require,
+    /// Always bind our own; ignore `LISTEN_FDS`.
+    Never,
+}
+
 /// The first inherited fd (`SD_LISTEN_FDS_START` in `sd-daemon.h`).
 pub(crate) const SD_LISTEN_FDS_START: RawFd = 3;
 

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::Result;
+use crate::notify::Notifier;
 use crate::paths::remove_if_same;
 use crate::sync::lock;
 
@@ -31,6 +32,8 @@ struct Owned {
 struct State {
     /// Someone ran the cleanup (or `keep()` disarmed it for good).
     done: bool,
+    /// `STOPPING=1` went to the service manager.
+    stopping_sent: bool,
     /// `disable_cleanup(true)`: leave the files, but can be turned back on.
     disabled: bool,
 }
@@ -42,6 +45,9 @@ pub(crate) struct Cleanup {
     entries: Vec<Owned>,
     /// The acquiring process; a forked child never removes anything.
     owner: u32,
+    /// The service manager waiting on `NOTIFY_SOCKET`, told `STOPPING=1`
+    /// before anything is removed.
+    notifier: Option<Notifier>,
     state: Mutex<State>,
 }
 
@@ -51,6 +57,7 @@ impl Cleanup {
         Cleanup {
             entries: Vec::new(),
             owner,
+            notifier: None,
             state: Mutex::new(State::default()),
         }
     }
@@ -67,16 +74,38 @@ impl Cleanup {
         self.owner
     }
 
-    /// Removes every entry still naming its inode, newest first; runs at most
-    /// once, and only in the owner process (`is_owner` is the caller's
-    /// `getpid(2)` answer, so one syscall serves cleanup and unregistering).
-    /// Every entry is tried; the first error is returned.
+    /// Reports `STOPPING=1` to `notifier` at cleanup from now on (set once
+    /// acquiring succeeded: a start that fails reports `ERRNO=` instead).
+    pub(crate) fn set_notifier(&mut self, notifier: Option<Notifier>) {
+        self.notifier = notifier;
+    }
+
+    /// The service manager to report to, if one waits.
+    pub(crate) fn notifier(&self) -> Option<&Notifier> {
+        self.notifier.as_ref()
+    }
+
+    /// Tells the service manager `STOPPING=1` (once), then removes every
+    /// entry still naming its inode, newest first; runs at most once, and
+    /// only in the owner process (`is_owner` is the caller's `getpid(2)`
+    /// answer, so one syscall serves cleanup and unregistering). Every entry
+    /// is tried; the first error is returned.
     pub(crate) fn run(&self, is_owner: bool) -> Result<()> {
         if !is_owner {
             return Ok(());
         }
         let mut state = lock(&self.state);
-        if state.done || state.disabled {
+        if state.done {
+            return Ok(());
+        }
+        if let Some(n) = &self.notifier {
+            if !std::mem::replace(&mut state.stopping_sent, true) {
+                // Best effort: a manager that went away must not keep the
+                // files on disk.
+                let _ = n.stopping();
+            }
+        }
+        if state.disabled {
             return Ok(());
         }
         state.done = true;

@@ -226,6 +226,33 @@ impl std::error::Error for PathError {
     }
 }
 
+/// The OS error number behind `e`, looking through the operation-and-path
+/// wrapper that [`io_at`] puts around it.
+pub(crate) fn os_errno(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<PathError>())
+            .and_then(|p| p.source.raw_os_error())
+    })
+}
+
+/// `e` and every cause under it on one line ("cannot bind socket /x:
+/// Permission denied (os error 13)"), for a channel that takes one line,
+/// such as sd_notify's `STATUS=`.
+pub(crate) fn one_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line.replace(['\n', '\r'], " ")
+}
+
 /// Wraps `source` as [`LifecycleError::Io`] naming `op` and `path`.
 pub(crate) fn io_at(op: &'static str, path: &Path, source: io::Error) -> LifecycleError {
     let kind = source.kind();

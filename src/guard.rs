@@ -5,11 +5,13 @@ use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
+use crate::activation::{activated_listener, Activation};
 use crate::cleanup::absolute;
 use crate::error::Result;
 use crate::listener::{bind_claimed, same_file_or, same_path_error, BindSpec};
+use crate::notify::Notifier;
 use crate::paths::{check_socket_path, parent_dir};
-use crate::pid_guard::{acquire_with, PidFileGuard};
+use crate::pid_guard::{acquire_with, reporting_failure, PidFileGuard};
 use crate::probe::clear_stale_socket;
 use crate::shutdown::Shutdown;
 use crate::signals::SignalMode;
@@ -102,6 +104,7 @@ pub struct DaemonGuard {
     inner: PidFileGuard,
     socket_path: PathBuf,
     reclaimed_socket: bool,
+    activated: bool,
 }
 
 /// Options for [`DaemonGuard`]; made by [`DaemonGuard::builder`].
@@ -113,6 +116,8 @@ pub struct DaemonGuardBuilder {
     socket_mode: u32,
     backlog: i32,
     signals: SignalMode,
+    activation: Activation,
+    fd_name: Option<String>,
 }
 
 impl DaemonGuard {
@@ -155,6 +160,8 @@ impl DaemonGuard {
             socket_mode: DEFAULT_SOCKET_MODE,
             backlog: DEFAULT_BACKLOG,
             signals: SignalMode::Exit,
+            activation: Activation::Auto,
+            fd_name: None,
         }
     }
 
@@ -182,6 +189,32 @@ impl DaemonGuard {
     /// The PID file path, as given to the builder.
     pub fn pid_path(&self) -> &Path {
         self.inner.pid_path()
+    }
+
+    /// Whether the listener was passed down by a service manager (socket
+    /// activation, see [`Activation`]) rather than bound by this guard.
+    /// An adopted socket file is the manager's: cleanup leaves it alone.
+    pub fn is_socket_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// Tells whoever waits for this daemon to start that it is ready to
+    /// serve: `READY=1` to a service manager on `NOTIFY_SOCKET` (systemd's
+    /// `Type=notify`, `start-stop-daemon --notify-await`). Call it once the
+    /// daemon accepts connections; a no-op where nobody waits. See
+    /// [`PidFileGuard::ready`].
+    ///
+    /// # Errors
+    /// [`LifecycleError::Io`](crate::LifecycleError::Io) when the
+    /// notification cannot be sent. The daemon may go on serving.
+    pub fn ready(&self) -> Result<()> {
+        self.inner.ready()
+    }
+
+    /// The service manager waiting on `NOTIFY_SOCKET`, if any, for the other
+    /// sd_notify messages (`STATUS=`, `WATCHDOG=1`, …).
+    pub fn notifier(&self) -> Option<&Notifier> {
+        self.inner.notifier()
     }
 
     /// Whether acquiring removed a stale socket left by a dead instance.
@@ -275,16 +308,54 @@ impl DaemonGuardBuilder {
         self
     }
 
+    /// Whether to adopt a socket a service manager passed down
+    /// (`LISTEN_FDS`, `sd_listen_fds(3)`); default [`Activation::Auto`].
+    pub fn socket_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    /// Under socket activation, adopt the fd with this name in
+    /// `LISTEN_FDNAMES` (`FileDescriptorName=` in the `.socket` unit)
+    /// instead of the one bound to the socket path.
+    pub fn activation_fd_name(mut self, name: impl Into<String>) -> Self {
+        self.fd_name = Some(name.into());
+        self
+    }
+
     /// Takes the claim, binds the socket and installs the signal handling.
     ///
     /// # Errors
     /// As [`DaemonGuard::acquire`].
     #[must_use = "the claim is released as soon as the guard is dropped"]
     pub fn acquire(self) -> Result<DaemonGuard> {
+        reporting_failure(|notifier| self.acquire_reporting_to(notifier))
+    }
+
+    fn acquire_reporting_to(self, notifier: Option<Notifier>) -> Result<DaemonGuard> {
         let (socket_path, pid_path) = (&self.socket_path, &self.pid_path);
         check_socket_path(socket_path)?;
         let socket_abs = absolute(socket_path, "resolve socket path")?;
         check_distinct(socket_path, &socket_abs, pid_path)?;
+        // Adopt before the claim: the inherited fds must become
+        // close-on-exec early, and an adopted socket is never probed (under
+        // a `.socket` unit a probe would only queue a connection to us).
+        if let Some(listener) = self.adopt()? {
+            let (inner, ()) = acquire_with(
+                pid_path,
+                self.signals,
+                notifier,
+                |_| Ok(false),
+                |_, _| Ok(()),
+            )?;
+            return Ok(DaemonGuard {
+                listener: Some(listener),
+                inner,
+                socket_path: self.socket_path,
+                reclaimed_socket: false,
+                activated: true,
+            });
+        }
         let spec = BindSpec {
             path: socket_path,
             absolute: socket_abs,
@@ -298,6 +369,7 @@ impl DaemonGuardBuilder {
         let (inner, (listener, reclaimed_socket)) = acquire_with(
             pid_path,
             self.signals,
+            notifier,
             |stale_id| {
                 clear_stale_socket(socket_path)
                     .map_err(|e| same_file_or(e, socket_path, pid_path, stale_id))
@@ -312,7 +384,28 @@ impl DaemonGuardBuilder {
             listener: Some(listener),
             inner,
             socket_path: self.socket_path,
+            activated: false,
         })
+    }
+
+    /// The socket a service manager passed down, as [`Activation`] says.
+    fn adopt(&self) -> Result<Option<UnixListener>> {
+        let name = self.fd_name.as_deref();
+        match self.activation {
+            Activation::Never => Ok(None),
+            Activation::Auto => activated_listener(&self.socket_path, name),
+            Activation::Require => match activated_listener(&self.socket_path, name)? {
+                Some(listener) => Ok(Some(listener)),
+                None => Err(crate::LifecycleError::InvalidArgument {
+                    what: "socket activation",
+                    reason: format!(
+                        "required for {}, but no socket was passed to this process \
+                         (LISTEN_PID unset or another process's)",
+                        self.socket_path.display()
+                    ),
+                }),
+            },
+        }
     }
 }
 

@@ -123,7 +123,7 @@ mod signals;
 mod sync;
 mod sys;
 
-pub use activation::activated_listener;
+pub use activation::{activated_listener, Activation};
 pub use control::signal_daemon;
 pub use error::{FileKind, LifecycleError, Result};
 pub use guard::{DaemonGuard, DaemonGuardBuilder, DEFAULT_BACKLOG, DEFAULT_SOCKET_MODE};

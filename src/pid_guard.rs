@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cleanup::{absolute, Cleanup};
-use crate::error::Result;
+use crate::error::{FileKind, LifecycleError, Result};
+use crate::notify::{Message, Notifier};
 use crate::pidfile::{claim, Claim};
 use crate::shutdown::Shutdown;
 use crate::signals::{register, Registration, SignalMode};
@@ -136,6 +137,30 @@ impl PidFileGuard {
         &self.shutdown
     }
 
+    /// Tells whoever waits for this daemon to start that it is ready to
+    /// serve: `READY=1` to a service manager on `NOTIFY_SOCKET` (systemd's
+    /// `Type=notify`, `start-stop-daemon --notify-await`), read from the
+    /// environment once at acquire. Call it once the daemon serves; a
+    /// no-op where nobody waits.
+    ///
+    /// # Errors
+    /// [`LifecycleError::Io`] when the notification cannot be sent (the
+    /// manager's socket is gone). The daemon may go on serving.
+    pub fn ready(&self) -> Result<()> {
+        match self.cleanup.notifier() {
+            Some(n) => n.ready(),
+            None => Ok(()),
+        }
+    }
+
+    /// The service manager waiting on `NOTIFY_SOCKET`, if any, for the
+    /// other sd_notify messages (`STATUS=`, `WATCHDOG=1`, …). The guard
+    /// itself sends `READY=1` ([`ready`](Self::ready)), `STOPPING=1` (first
+    /// thing at cleanup) and `ERRNO=` (a failed acquire).
+    pub fn notifier(&self) -> Option<&Notifier> {
+        self.cleanup.notifier()
+    }
+
     /// Removes the PID file, then releases the claim, reporting what went
     /// wrong. Drop does the same but has to stay silent.
     ///
@@ -219,8 +244,16 @@ impl PidFileGuardBuilder {
     /// As [`PidFileGuard::acquire`].
     #[must_use = "the claim is released as soon as the guard is dropped"]
     pub fn acquire(self) -> Result<PidFileGuard> {
-        let (guard, ()) = acquire_with(&self.pid_path, self.signals, |_| Ok(false), |_, _| Ok(()))?;
-        Ok(guard)
+        reporting_failure(|notifier| {
+            let (guard, ()) = acquire_with(
+                &self.pid_path,
+                self.signals,
+                notifier,
+                |_| Ok(false),
+                |_, _| Ok(()),
+            )?;
+            Ok(guard)
+        })
     }
 }
 
@@ -233,6 +266,7 @@ impl PidFileGuardBuilder {
 pub(crate) fn acquire_with<T>(
     pid_path: &Path,
     signals: SignalMode,
+    notifier: Option<Notifier>,
     under_stale: impl FnMut((u64, u64)) -> Result<bool>,
     then: impl FnOnce(&mut Cleanup, &Claim) -> Result<T>,
 ) -> Result<(PidFileGuard, T)> {
@@ -247,12 +281,17 @@ pub(crate) fn acquire_with<T>(
         let _ = c.run(true);
     });
     let extra = then(&mut rollback, &claim)?;
-    let cleanup = Arc::new(scopeguard::ScopeGuard::into_inner(rollback));
+    let mut cleanup = scopeguard::ScopeGuard::into_inner(rollback);
+    cleanup.set_notifier(notifier);
+    let cleanup = Arc::new(cleanup);
     let shutdown = Shutdown::default();
     let registration = match register(signals, Arc::clone(&cleanup), shutdown.clone()) {
         Ok(r) => r,
         Err(e) => {
             drop(extra);
+            // Not a stop: the caller reports the failed start instead.
+            let mut cleanup = Arc::into_inner(cleanup).expect("not shared on failure");
+            cleanup.set_notifier(None);
             let _ = cleanup.run(true);
             return Err(e);
         }
@@ -266,4 +305,47 @@ pub(crate) fn acquire_with<T>(
         reclaimed_pid_file: claim.reclaimed,
     };
     Ok((guard, extra))
+}
+
+/// Reads `NOTIFY_SOCKET` once, runs the acquisition with it, and if that
+/// fails while a service manager waits, tells it why (`ERRNO=` and
+/// `STATUS=`), so `systemctl status` or `start-stop-daemon --notify-await`
+/// show the reason instead of a timeout.
+pub(crate) fn reporting_failure<T>(
+    acquire: impl FnOnce(Option<Notifier>) -> Result<T>,
+) -> Result<T> {
+    let notifier = Notifier::from_env()?;
+    let report_to = notifier.clone();
+    acquire(notifier).inspect_err(|e| {
+        if let Some(n) = report_to {
+            let status = format!("cannot start: {}", crate::error::one_line(e));
+            // Best effort: the error itself goes back to the caller anyway.
+            let _ = n.send(&[Message::Status(&status), Message::Errno(errno_of(e))]);
+        }
+    })
+}
+
+/// The `errno` a failed start reports to a service manager: the OS error
+/// where there is one, `EEXIST` for an instance that already runs (as
+/// FreeBSD pidfile(3)'s `pidfile_open`), `EISDIR`/`ENOTSOCK`/`ENOTDIR` for
+/// the wrong kind of file in the way, `ENAMETOOLONG` for a socket path that
+/// does not fit `sun_path`, `EINVAL` for the rest.
+fn errno_of(e: &LifecycleError) -> i32 {
+    use nix::libc;
+    match e {
+        LifecycleError::AlreadyRunning => libc::EEXIST,
+        LifecycleError::Io(io) | LifecycleError::Signals(io) => {
+            crate::error::os_errno(io).unwrap_or(libc::EIO)
+        }
+        LifecycleError::PathTooLong { .. } => libc::ENAMETOOLONG,
+        LifecycleError::UnexpectedFileType {
+            expected, found, ..
+        } => match (expected, found) {
+            (_, FileKind::Directory) => libc::EISDIR,
+            (FileKind::Socket, _) => libc::ENOTSOCK,
+            (FileKind::Directory, _) => libc::ENOTDIR,
+            _ => libc::EEXIST,
+        },
+        _ => libc::EINVAL,
+    }
 }

@@ -75,6 +75,8 @@
 // marking each item for the binaries that skip it would be noise.
 #![allow(dead_code)]
 
+pub mod examples;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
 use std::fs;
