@@ -47,12 +47,16 @@
 //!    graceful shutdown.
 //!
 //! # Service managers
-//! [`Notifier`] reports readiness the `sd_notify(3)` way (`READY=1`,
-//! `STOPPING=1`, `RELOADING=1`, …) to systemd or `start-stop-daemon
-//! --notify-await`; [`activated_listener`] adopts the socket a `.socket` unit
-//! or `systemd-socket-activate` passed (`sd_listen_fds(3)`). Both read the
-//! environment and never write it; [`scrub_service_env`] keeps those
-//! variables from the children a daemon spawns.
+//! The guards are good citizens under systemd (`Type=notify`, `.socket`
+//! units) and `start-stop-daemon --notify-await` with no configuration: a
+//! daemon calls [`DaemonGuard::ready`] once it serves (`READY=1`), cleanup
+//! sends `STOPPING=1` first, and a start that fails sends its reason and
+//! `ERRNO=`. A socket passed down by the manager (`LISTEN_FDS`) is adopted
+//! and never unlinked ([`Activation`]). Underneath, [`Notifier`] is the
+//! `sd_notify(3)` client and [`activated_listener`] the `sd_listen_fds(3)`
+//! adoption; both read the environment and never write it, and
+//! [`scrub_service_env`] keeps those variables from the children a daemon
+//! spawns. Unit files: `docs/service-managers.md`.
 //!
 //! # Design
 //! - **One claim, several front doors.** Every guard rests on the same
@@ -151,3 +155,7 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/seed.md")]
 struct SeedDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../docs/service-managers.md")]
+struct ServiceManagerDoctests;
