@@ -120,6 +120,63 @@ pub enum LifecycleError {
     /// Installing the SIGTERM/SIGINT handling failed.
     #[error("cannot install the SIGTERM/SIGINT handlers")]
     Signals(#[source] io::Error),
+
+    /// A daemon that [`ensure_running`](crate::ensure_running) started
+    /// reported that it cannot start, with its own reason (`failed: <kind>
+    /// <message>` on the readiness pipe).
+    #[error("the daemon for {socket} (pid {pid}) could not start: {reason}")]
+    StartFailed {
+        /// The socket the daemon was started for.
+        socket: PathBuf,
+        /// The daemon's PID.
+        pid: u32,
+        /// What the daemon said: its error kind and message.
+        reason: String,
+    },
+
+    /// A daemon that [`ensure_running`](crate::ensure_running) started
+    /// exited, or was killed by a signal, before it was ready.
+    #[error(
+        "the daemon for {socket} (pid {pid}) {status} before it was ready{}",
+        tail_text(output)
+    )]
+    DaemonExited {
+        /// The socket the daemon was started for.
+        socket: PathBuf,
+        /// The daemon's PID.
+        pid: u32,
+        /// How it ended: "exited with status 1", "was killed by signal 11".
+        status: String,
+        /// The end of what it wrote to its log file during this start
+        /// (empty without a log file).
+        output: String,
+    },
+
+    /// A daemon did not become ready, or did not exit, within the time
+    /// allowed.
+    #[error("{what} for {path}{} did not finish within {waited:?}", pid_text(*pid))]
+    Timeout {
+        /// What was waited for ("daemon start", "daemon stop").
+        what: &'static str,
+        /// The socket or PID file it was about.
+        path: PathBuf,
+        /// The process waited for, when known.
+        pid: Option<u32>,
+        /// How long was waited.
+        waited: std::time::Duration,
+    },
+}
+
+fn tail_text(output: &str) -> String {
+    if output.is_empty() {
+        String::new()
+    } else {
+        format!("; its output ended with: {}", output.trim_end())
+    }
+}
+
+fn pid_text(pid: Option<u32>) -> String {
+    pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
 }
 
 impl LifecycleError {
@@ -143,7 +200,10 @@ impl LifecycleError {
             LifecycleError::UnexpectedFileType { path, .. }
             | LifecycleError::HolderUnknown { path }
             | LifecycleError::PathTooLong { path, .. }
-            | LifecycleError::InsecureDir { path, .. } => Some(path),
+            | LifecycleError::InsecureDir { path, .. }
+            | LifecycleError::Timeout { path, .. } => Some(path),
+            LifecycleError::StartFailed { socket, .. }
+            | LifecycleError::DaemonExited { socket, .. } => Some(socket),
             _ => None,
         }
     }

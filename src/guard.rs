@@ -275,6 +275,12 @@ impl DaemonGuard {
     }
 }
 
+impl AsRef<PidFileGuard> for DaemonGuard {
+    fn as_ref(&self) -> &PidFileGuard {
+        &self.inner
+    }
+}
+
 impl Drop for DaemonGuard {
     fn drop(&mut self) {
         // Best effort: errors are reported by `close()`, never by a panic.

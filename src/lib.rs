@@ -112,6 +112,7 @@
 
 mod activation;
 mod cleanup;
+mod client;
 mod control;
 mod error;
 mod guard;
@@ -122,12 +123,14 @@ mod paths;
 mod pid_guard;
 mod pidfile;
 mod probe;
+mod readiness;
 mod shutdown;
 mod signals;
 mod sync;
 mod sys;
 
 pub use activation::{activated_listener, Activation};
+pub use client::{ensure_running, Connection, Launcher, Started};
 pub use control::signal_daemon;
 pub use error::{FileKind, LifecycleError, Result};
 pub use guard::{DaemonGuard, DaemonGuardBuilder, DEFAULT_BACKLOG, DEFAULT_SOCKET_MODE};

@@ -24,8 +24,9 @@ const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
 /// Every variable a service manager sets for its service alone: a child the
 /// daemon spawns must not see them (see [`scrub_service_env`]).
-const SERVICE_ENV: [&str; 6] = [
+const SERVICE_ENV: [&str; 7] = [
     NOTIFY_SOCKET,
+    crate::readiness::READY_FD_ENV,
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -488,7 +489,8 @@ fn monotonic_usec() -> Result<u64> {
 
 /// Removes the variables a service manager meant for this process alone
 /// (`NOTIFY_SOCKET`, `LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`,
-/// `WATCHDOG_USEC`, `WATCHDOG_PID`) from the environment `cmd` gives its
+/// `WATCHDOG_USEC`, `WATCHDOG_PID`, and `HISTORIA_READY_FD`, the readiness
+/// pipe of [`ensure_running`](crate::ensure_running)) from the environment `cmd` gives its
 /// child, with [`Command::env_remove`]. This process's own environment is
 /// never written: `remove_var` is unsound once threads exist.
 ///

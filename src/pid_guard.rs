@@ -9,6 +9,7 @@ use crate::cleanup::{absolute, Cleanup};
 use crate::error::{FileKind, LifecycleError, Result};
 use crate::notify::{Message, Notifier};
 use crate::pidfile::{claim, Claim};
+use crate::readiness::ReadyPipe;
 use crate::shutdown::Shutdown;
 use crate::signals::{register, Registration, SignalMode};
 
@@ -72,6 +73,9 @@ pub struct PidFileGuard {
     registration: Option<Registration>,
     shutdown: Shutdown,
     reclaimed_pid_file: bool,
+    /// The pipe an [`ensure_running`](crate::ensure_running) spawner waits
+    /// on; written once by [`ready`](Self::ready).
+    ready_pipe: std::sync::Mutex<Option<ReadyPipe>>,
 }
 
 /// Options for [`PidFileGuard`]; made by [`PidFileGuard::builder`].
@@ -138,15 +142,23 @@ impl PidFileGuard {
     }
 
     /// Tells whoever waits for this daemon to start that it is ready to
-    /// serve: `READY=1` to a service manager on `NOTIFY_SOCKET` (systemd's
-    /// `Type=notify`, `start-stop-daemon --notify-await`), read from the
-    /// environment once at acquire. Call it once the daemon serves; a
-    /// no-op where nobody waits.
+    /// serve, with one call for every waiting party, each read from the
+    /// environment once at acquire:
+    /// - `READY=1` to a service manager on `NOTIFY_SOCKET` (systemd's
+    ///   `Type=notify`, `start-stop-daemon --notify-await`);
+    /// - `ready` down the readiness pipe of the client that spawned it
+    ///   ([`ensure_running`](crate::ensure_running)).
+    ///
+    /// Call it once the daemon serves; a no-op where nobody waits. A daemon
+    /// that never calls it still works: clients fall back to connecting.
     ///
     /// # Errors
     /// [`LifecycleError::Io`] when the notification cannot be sent (the
     /// manager's socket is gone). The daemon may go on serving.
     pub fn ready(&self) -> Result<()> {
+        if let Some(pipe) = crate::sync::lock(&self.ready_pipe).take() {
+            pipe.ready();
+        }
         match self.cleanup.notifier() {
             Some(n) => n.ready(),
             None => Ok(()),
@@ -303,26 +315,46 @@ pub(crate) fn acquire_with<T>(
         registration,
         shutdown,
         reclaimed_pid_file: claim.reclaimed,
+        ready_pipe: std::sync::Mutex::new(None),
     };
     Ok((guard, extra))
 }
 
-/// Reads `NOTIFY_SOCKET` once, runs the acquisition with it, and if that
-/// fails while a service manager waits, tells it why (`ERRNO=` and
-/// `STATUS=`), so `systemctl status` or `start-stop-daemon --notify-await`
-/// show the reason instead of a timeout.
-pub(crate) fn reporting_failure<T>(
+/// Reads `NOTIFY_SOCKET` and the readiness pipe once, runs the acquisition
+/// with the manager's notifier, and then either hands the pipe to the new
+/// guard (for [`PidFileGuard::ready`]) or, if acquiring failed, tells every
+/// waiter why: `ERRNO=` and `STATUS=` to a manager, `failed: <kind>
+/// <message>` down the pipe. So `systemctl status`, `start-stop-daemon
+/// --notify-await` or the spawning client show the reason, not a timeout.
+pub(crate) fn reporting_failure<T: AsRef<PidFileGuard>>(
     acquire: impl FnOnce(Option<Notifier>) -> Result<T>,
 ) -> Result<T> {
     let notifier = Notifier::from_env()?;
+    let pipe = ReadyPipe::from_env();
     let report_to = notifier.clone();
-    acquire(notifier).inspect_err(|e| {
-        if let Some(n) = report_to {
-            let status = format!("cannot start: {}", crate::error::one_line(e));
-            // Best effort: the error itself goes back to the caller anyway.
-            let _ = n.send(&[Message::Status(&status), Message::Errno(errno_of(e))]);
+    match acquire(notifier) {
+        Ok(guard) => {
+            *crate::sync::lock(&guard.as_ref().ready_pipe) = pipe;
+            Ok(guard)
         }
-    })
+        Err(e) => {
+            if let Some(n) = report_to {
+                let status = format!("cannot start: {}", crate::error::one_line(&e));
+                // Best effort: the error itself goes back to the caller.
+                let _ = n.send(&[Message::Status(&status), Message::Errno(errno_of(&e))]);
+            }
+            if let Some(pipe) = pipe {
+                pipe.failed(&e);
+            }
+            Err(e)
+        }
+    }
+}
+
+impl AsRef<PidFileGuard> for PidFileGuard {
+    fn as_ref(&self) -> &PidFileGuard {
+        self
+    }
 }
 
 /// The `errno` a failed start reports to a service manager: the OS error
