@@ -300,3 +300,15 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
             panic!("{name} is not installed: apt-get install {package} (.ci/run installs it)")
         })
 }
+
+/// Polls `done` every 2 ms until it holds, failing after [`WATCHDOG`].
+pub fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + WATCHDOG;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {WATCHDOG:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
