@@ -4,7 +4,9 @@
 //! ```text
 //! cargo run --example ctl -- status     # running (pid N) | not running | stale files left
 //! cargo run --example ctl -- ping       # pong
-//! cargo run --example ctl -- stop       # `stop` over the socket, else SIGTERM
+//! cargo run --example ctl -- stop       # `stop` over the socket, else SIGTERM, then SIGKILL
+//! cargo run --example ctl -- start      # connect, or start ./daemon and wait until ready
+//! cargo run --example ctl -- restart
 //! ```
 //!
 //! It finds the daemon the way the daemon does: `--socket`/`--pid`, then
@@ -18,11 +20,12 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use historia_lifecycle::{probe_socket, running_pid, signal_daemon, LifecycleError};
-use nix::libc;
+use historia_lifecycle::{
+    ensure_running, probe_socket, running_pid, wait_for_exit, LifecycleError, Started, Stopped,
+};
 
 #[path = "shared/cli.rs"]
 mod cli;
@@ -37,22 +40,29 @@ const EXIT_ERROR: i32 = 1;
 
 /// How long to wait for the daemon's reply on the socket.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long `stop` waits for the daemon to exit and remove its files.
+/// How long `stop` waits for the daemon to exit after asking it to.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `stop` waits after SIGKILL.
+const KILL_AFTER: Duration = Duration::from_secs(2);
+/// How long `start` waits for the daemon to be ready.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Replies are one short line; more than this is not our daemon.
 const MAX_REPLY: u64 = 1024;
 
 const USAGE: &str = "\
-usage: ctl [--socket PATH] [--pid PATH] <status|ping|stop>
+usage: ctl [--socket PATH] [--pid PATH] <status|ping|start|stop|restart>
 
 commands:
   status   print \"running (pid N)\", \"not running\", or
            \"not running, stale files left (...)\";
            exit 0 if running, 3 if not, 4 if it cannot tell
   ping     send ping over the socket and print the reply
+  start    connect to the daemon, or start the `daemon` program beside this
+           one and wait (up to 10s) until it is ready; exit 0 either way
+  restart  stop, then start
   stop     ask the daemon to stop over the socket; if that fails, send
-           SIGTERM to the process holding the PID file's lock; then wait up
-           to 5s until it has exited and removed its files
+           SIGTERM to the process holding the PID file's lock; wait up to
+           5s for it to exit, then SIGKILL it
 
 options:
   --socket PATH   the daemon's socket   (env HISTORIA_DEMO_SOCKET)
@@ -63,7 +73,10 @@ Default paths are the daemon's: daemon.sock and daemon.pid in
 $XDG_RUNTIME_DIR/historia-demo/ or <temp dir>/historia-demo-<uid>/.";
 
 fn main() {
-    let code = match parse_args(std::env::args_os().skip(1), &["status", "ping", "stop"]) {
+    let code = match parse_args(
+        std::env::args_os().skip(1),
+        &["status", "ping", "stop", "start", "restart"],
+    ) {
         Ok(None) => {
             println!("{USAGE}");
             0
@@ -80,6 +93,11 @@ fn main() {
             Ok((socket, pid)) => match command.as_str() {
                 "status" => status(&socket, &pid),
                 "ping" => ping(&socket),
+                "start" => start(&socket, &pid),
+                "restart" => match stop(&socket, &pid) {
+                    0 => start(&socket, &pid),
+                    code => code,
+                },
                 _ => stop(&socket, &pid),
             },
             Err(e) => {
@@ -152,69 +170,108 @@ fn ping(socket: &Path) -> i32 {
     }
 }
 
-/// `stop`: the polite way first, then SIGTERM to the lock holder, then wait.
+/// `stop`: the polite way first (a `stop` command on the socket), then the
+/// library's `stop`: SIGTERM to the lock holder through a pidfd, a wait, and
+/// SIGKILL after the graceful deadline. Never a recycled PID, never a daemon
+/// restarted meanwhile.
 fn stop(socket: &Path, pid_path: &Path) -> i32 {
-    match request(socket, "stop") {
-        Ok(reply) => println!(
-            "asked the daemon to stop over {}: {reply}",
-            socket.display()
-        ),
-        Err(e) => {
-            // Signal the process holding the PID file's lock, through a pidfd
-            // opened before the holder is checked: never a recycled PID.
-            match signal_daemon(pid_path, libc::SIGTERM) {
-                Ok(Some(pid)) => println!(
-                    "cannot reach the daemon over {}: {e}\n\
-                     sent SIGTERM to pid {pid} (the holder of the lock on {})",
-                    socket.display(),
-                    pid_path.display()
-                ),
-                Ok(None) => {
-                    // No lock holder and no answer on the socket: nothing runs.
-                    // Stopping a stopped service succeeds, as in LSB init scripts.
-                    match leftovers(socket, pid_path) {
-                        None => println!("not running"),
-                        Some(files) => println!(
-                            "not running, stale files left ({files}); the next start reclaims them"
-                        ),
-                    }
-                    return 0;
+    let mut unreachable = None;
+    let outcome = match request(socket, "stop") {
+        Ok(reply) => {
+            println!(
+                "asked the daemon to stop over {}: {reply}",
+                socket.display()
+            );
+            match wait_for_exit(pid_path, STOP_TIMEOUT) {
+                Err(LifecycleError::Timeout { .. }) => {
+                    eprintln!("ctl: still running after {STOP_TIMEOUT:?}; sending SIGTERM");
+                    historia_lifecycle::stop(pid_path, KILL_AFTER, KILL_AFTER)
                 }
-                Err(e) => {
-                    report("ctl", &e);
-                    return EXIT_ERROR;
-                }
+                other => other,
             }
+        }
+        Err(e) => {
+            unreachable = Some(e);
+            historia_lifecycle::stop(pid_path, STOP_TIMEOUT, KILL_AFTER)
+        }
+    };
+    if let (Some(e), Ok(Stopped::Stopped { .. } | Stopped::Killed { .. })) =
+        (&unreachable, &outcome)
+    {
+        println!("cannot reach the daemon over {}: {e}", socket.display());
+    }
+    match outcome {
+        // Asked over the socket and gone before we looked: it stopped.
+        Ok(Stopped::NotRunning) if unreachable.is_none() => finished(socket, pid_path),
+        Ok(Stopped::NotRunning) => {
+            // Stopping a stopped service succeeds, as in LSB init scripts.
+            match leftovers(socket, pid_path) {
+                None => println!("not running"),
+                Some(files) => println!(
+                    "not running, stale files left ({files}); the next start reclaims them"
+                ),
+            }
+            0
+        }
+        Ok(Stopped::Stopped { pid }) => {
+            if unreachable.is_some() {
+                println!(
+                    "sent SIGTERM to pid {pid} (the holder of the lock on {})",
+                    pid_path.display()
+                );
+            }
+            finished(socket, pid_path)
+        }
+        Ok(Stopped::Killed { pid }) => {
+            println!("pid {pid} ignored SIGTERM for {STOP_TIMEOUT:?}; killed it with SIGKILL");
+            finished(socket, pid_path)
+        }
+        Ok(other) => {
+            println!("{other:?}");
+            0
+        }
+        Err(e) => {
+            report("ctl", &e);
+            EXIT_ERROR
         }
     }
-    wait_until_stopped(socket, pid_path)
 }
 
-/// Polls until nobody holds the lock and both files are gone, or
-/// [`STOP_TIMEOUT`] passes.
-fn wait_until_stopped(socket: &Path, pid_path: &Path) -> i32 {
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    loop {
-        let holder = running_pid(pid_path);
-        let left = leftovers(socket, pid_path);
-        if matches!(holder, Ok(None)) && left.is_none() {
-            println!("stopped");
-            return 0;
+/// After the daemon exited: "stopped", or which files it left behind.
+fn finished(socket: &Path, pid_path: &Path) -> i32 {
+    match leftovers(socket, pid_path) {
+        None => println!("stopped"),
+        Some(files) => {
+            println!("stopped, stale files left ({files}); the next start reclaims them")
         }
-        if Instant::now() >= deadline {
-            match holder {
-                Ok(Some(pid)) => eprintln!(
-                    "ctl: pid {pid} still runs after {STOP_TIMEOUT:?}; `kill -KILL {pid}` forces it"
-                ),
-                Ok(None) => eprintln!(
-                    "ctl: the daemon exited but left files behind ({}); the next start reclaims them",
-                    left.unwrap_or_default()
-                ),
-                Err(e) => report("ctl", &e),
-            }
+    }
+    0
+}
+
+/// `start`: connect to the daemon, or start the `daemon` example that sits
+/// beside this program (same `--socket`/`--pid`) and wait until it is ready.
+fn start(socket: &Path, pid_path: &Path) -> i32 {
+    let daemon = match std::env::current_exe() {
+        Ok(me) => me.with_file_name("daemon"),
+        Err(e) => {
+            eprintln!("ctl: cannot find the daemon program: {e}");
             return EXIT_ERROR;
         }
-        thread::sleep(Duration::from_millis(20));
+    };
+    let mut cmd = Command::new(&daemon);
+    cmd.arg("--socket").arg(socket).arg("--pid").arg(pid_path);
+    match ensure_running(socket, pid_path, &mut cmd, START_TIMEOUT) {
+        Ok(conn) => {
+            match conn.started {
+                Started::Spawned { pid } => println!("started (pid {pid})"),
+                _ => println!("already running"),
+            }
+            0
+        }
+        Err(e) => {
+            report("ctl", &e);
+            EXIT_ERROR
+        }
     }
 }
 

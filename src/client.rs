@@ -18,6 +18,7 @@ use crate::error::{io_at, LifecycleError, Result};
 use crate::paths::{ensure_dir, parent_dir};
 use crate::pidfile::running_pid;
 use crate::readiness::{parse_report, Report, READY_FD_ENV};
+use crate::sys::Process;
 
 /// How much of a log file's end a start-up error quotes.
 const OUTPUT_TAIL: u64 = 2048;
@@ -448,4 +449,167 @@ fn log_tail(path: &Path, start: u64) -> String {
         text = String::from_utf8_lossy(&bytes).into_owned();
     }
     text
+}
+
+/// Sends `signal` (for example `libc::SIGTERM`, 15) to the live process that
+/// holds the claim on `pid_path`, and returns its PID; `Ok(None)` when no
+/// process holds it, so nothing was signalled.
+///
+/// This is how `stop` should reach a daemon whose socket does not answer. The
+/// number in a PID file alone may name a recycled PID; here the target is the
+/// holder of the PID file's flock, as [`running_pid`] reports it. On Linux
+/// 5.3 and later the signal goes through a `pidfd_open(2)` descriptor opened
+/// *before* the holder is checked, so the process that gets the signal is the
+/// one that was checked (`pidfd_send_signal(2)`): no window for PID reuse.
+/// Elsewhere, and where `pidfd_open` is missing or refused (old kernels,
+/// seccomp sandboxes), `kill(2)` follows the check, with the usual tiny
+/// window.
+///
+/// # Errors
+/// - [`LifecycleError::HolderUnknown`] when the claim is held but its holder
+///   cannot be named; nothing is signalled.
+/// - As [`running_pid`]: [`LifecycleError::UnexpectedFileType`],
+///   [`LifecycleError::PidFile`], [`LifecycleError::Io`] when the PID file
+///   cannot be read.
+/// - [`LifecycleError::Io`] when the signal cannot be sent (`EPERM`: the
+///   daemon belongs to another user; `EINVAL`: not a signal number).
+///
+/// [`LifecycleError::HolderUnknown`]: crate::LifecycleError::HolderUnknown
+/// [`LifecycleError::UnexpectedFileType`]: crate::LifecycleError::UnexpectedFileType
+/// [`LifecycleError::PidFile`]: crate::LifecycleError::PidFile
+/// [`LifecycleError::Io`]: crate::LifecycleError::Io
+///
+/// ```
+/// use historia_lifecycle::signal_daemon;
+/// let dir = tempfile::tempdir()?;
+/// // Nobody holds the claim: nothing is signalled.
+/// assert_eq!(signal_daemon(&dir.path().join("d.pid"), 15)?, None);
+/// # Ok::<(), historia_lifecycle::LifecycleError>(())
+/// ```
+pub fn signal_daemon(pid_path: &Path, signal: i32) -> Result<Option<u32>> {
+    match holder(pid_path)? {
+        Some(process) => {
+            let sent = process
+                .signal(signal)
+                .map_err(|e| io_at("signal the daemon holding", pid_path, e))?;
+            Ok(sent.then_some(process.pid()))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The live process holding the claim on `pid_path`, pinned (a pidfd on
+/// Linux) *before* it is checked once more to be the holder, so whatever is
+/// done to it reaches the process that was checked.
+fn holder(pid_path: &Path) -> Result<Option<Process>> {
+    // A restart between the look and the pin changes the holder: look again.
+    for _ in 0..4 {
+        let Some(pid) = running_pid(pid_path)? else {
+            return Ok(None);
+        };
+        let Some(process) =
+            Process::open(pid).map_err(|e| io_at("open the process holding", pid_path, e))?
+        else {
+            continue; // exited meanwhile
+        };
+        if running_pid(pid_path)? == Some(pid) {
+            return Ok(Some(process));
+        }
+    }
+    Ok(None)
+}
+
+/// Waits up to `timeout` for the daemon holding the claim on `pid_path` to
+/// exit, without signalling it: for a client that asked it to stop in its
+/// own protocol (a `stop` command on the socket). The process is pinned as
+/// in [`stop`], so a daemon restarted meanwhile is not waited for.
+///
+/// # Errors
+/// - [`LifecycleError::Timeout`] when it still runs after `timeout`.
+/// - As [`stop`]: [`LifecycleError::HolderUnknown`], and the errors of
+///   [`running_pid`].
+pub fn wait_for_exit(pid_path: &Path, timeout: Duration) -> Result<Stopped> {
+    let Some(process) = holder(pid_path)? else {
+        return Ok(Stopped::NotRunning);
+    };
+    if process.wait_exit(timeout) {
+        return Ok(Stopped::Stopped { pid: process.pid() });
+    }
+    Err(LifecycleError::Timeout {
+        what: "daemon exit",
+        path: pid_path.to_path_buf(),
+        pid: Some(process.pid()),
+        waited: timeout,
+    })
+}
+
+/// How [`stop`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stopped {
+    /// Nothing held the claim: nothing was signalled.
+    NotRunning,
+    /// The daemon exited after SIGTERM.
+    Stopped {
+        /// Its PID.
+        pid: u32,
+    },
+    /// It outlived the graceful deadline and was killed with SIGKILL.
+    Killed {
+        /// Its PID.
+        pid: u32,
+    },
+}
+
+/// Stops the daemon holding the claim on `pid_path`: SIGTERM, a wait of up
+/// to `graceful` for it to exit, then SIGKILL and a wait of up to `kill`.
+///
+/// Only the process that holds the claim is signalled, never the number a
+/// PID file holds: on Linux through a pidfd opened before the identity
+/// check (`pidfd_open(2)`, `pidfd_send_signal(2)`), so neither a recycled PID
+/// nor a daemon restarted meanwhile (a new holder) can be hit, SIGKILL
+/// included; the wait is a `poll(2)` on the same pidfd. Where pidfds are
+/// missing or refused, `kill(2)` follows the check and the wait polls
+/// `kill(pid, 0)`.
+///
+/// ```
+/// use historia_lifecycle::{stop, Stopped};
+/// use std::time::Duration;
+/// let dir = tempfile::tempdir()?;
+/// let pid = dir.path().join("d.pid");
+/// assert_eq!(stop(&pid, Duration::from_secs(5), Duration::from_secs(1))?, Stopped::NotRunning);
+/// # Ok::<(), historia_lifecycle::LifecycleError>(())
+/// ```
+///
+/// # Errors
+/// - [`LifecycleError::HolderUnknown`] when the claim is held but its holder
+///   cannot be named (a forked child keeps the lock, another PID
+///   namespace); nothing is signalled.
+/// - [`LifecycleError::Io`] with kind `PermissionDenied` when the daemon is
+///   alive but not ours to signal (`EPERM`): never reported as stopped.
+/// - [`LifecycleError::Timeout`] when it survived SIGKILL for `kill`.
+/// - As [`running_pid`]: [`LifecycleError::PidFile`],
+///   [`LifecycleError::UnexpectedFileType`], [`LifecycleError::Io`].
+pub fn stop(pid_path: &Path, graceful: Duration, kill: Duration) -> Result<Stopped> {
+    let Some(process) = holder(pid_path)? else {
+        return Ok(Stopped::NotRunning);
+    };
+    let pid = process.pid();
+    let send = |sig| {
+        process
+            .signal(sig)
+            .map_err(|e| io_at("signal the daemon holding", pid_path, e))
+    };
+    if !send(libc::SIGTERM)? || process.wait_exit(graceful) {
+        return Ok(Stopped::Stopped { pid });
+    }
+    if !send(libc::SIGKILL)? || process.wait_exit(kill) {
+        return Ok(Stopped::Killed { pid });
+    }
+    Err(LifecycleError::Timeout {
+        what: "daemon stop",
+        path: pid_path.to_path_buf(),
+        pid: Some(pid),
+        waited: graceful + kill,
+    })
 }

@@ -113,7 +113,6 @@
 mod activation;
 mod cleanup;
 mod client;
-mod control;
 mod error;
 mod guard;
 mod info;
@@ -130,8 +129,9 @@ mod sync;
 mod sys;
 
 pub use activation::{activated_listener, Activation};
-pub use client::{ensure_running, Connection, Launcher, Started};
-pub use control::signal_daemon;
+pub use client::{
+    ensure_running, signal_daemon, stop, wait_for_exit, Connection, Launcher, Started, Stopped,
+};
 pub use error::{FileKind, LifecycleError, Result};
 pub use guard::{DaemonGuard, DaemonGuardBuilder, DEFAULT_BACKLOG, DEFAULT_SOCKET_MODE};
 pub use info::DaemonInfo;

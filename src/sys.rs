@@ -141,89 +141,135 @@ pub(crate) fn link_unnamed(_file: &File, _path: &Path) -> std::io::Result<()> {
     Err(std::io::ErrorKind::Unsupported.into())
 }
 
-/// Why [`signal_if`] failed: the caller's check, or the OS.
-pub(crate) enum SignalError {
-    Check(crate::LifecycleError),
-    Os(std::io::Error),
+/// A process to signal and wait for, pinned as early as possible: on Linux
+/// 5.3+ a pidfd (`pidfd_open(2)`), so a recycled PID can never receive our
+/// signal or end our wait; elsewhere, or where `pidfd_open` is missing or
+/// refused (old kernels, seccomp sandboxes answering ENOSYS or EPERM), the
+/// bare PID with `kill(2)`.
+#[derive(Debug)]
+pub(crate) struct Process {
+    pid: u32,
+    pidfd: Option<OwnedFd>,
 }
 
-/// Sends `signal` to `pid` if `still_ours()` confirms it, returning whether it
-/// was sent (`false`: the check failed or the process is gone).
-///
-/// Linux: the pidfd is opened before the check, so the signal reaches the
-/// process that was checked even if `pid` is recycled meanwhile.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-pub(crate) fn signal_if(
-    pid: u32,
-    signal: i32,
-    still_ours: impl FnOnce() -> Result<bool, crate::LifecycleError>,
-) -> Result<bool, SignalError> {
-    use nix::errno::Errno;
-    use nix::libc;
-    use std::os::fd::{AsRawFd, FromRawFd};
+impl Process {
+    /// Pins `pid`; `Ok(None)` when no such process exists.
+    pub(crate) fn open(pid: u32) -> std::io::Result<Option<Process>> {
+        let pid_t = nix::unistd::Pid::from_raw(pid as nix::libc::pid_t);
+        match pidfd_open(pid) {
+            Ok(fd) => Ok(Some(Process {
+                pid,
+                pidfd: Some(fd),
+            })),
+            Err(nix::errno::Errno::ESRCH) => Ok(None),
+            Err(nix::errno::Errno::ENOSYS | nix::errno::Errno::EPERM) => {
+                match nix::sys::signal::kill(pid_t, None) {
+                    Err(nix::errno::Errno::ESRCH) => Ok(None),
+                    _ => Ok(Some(Process { pid, pidfd: None })),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 
-    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if raw < 0 {
-        return match Errno::last() {
-            Errno::ESRCH => Ok(false),
-            // Kernel older than 5.3: check, then kill(2).
-            Errno::ENOSYS => kill_if(pid, signal, still_ours),
-            e => Err(SignalError::Os(e.into())),
+    /// The PID.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends `signal` (`0` only checks); `Ok(false)` when the process is
+    /// gone. `EPERM` is an error: alive, but not ours to signal.
+    pub(crate) fn signal(&self, signal: i32) -> std::io::Result<bool> {
+        use nix::errno::Errno;
+        let r = match &self.pidfd {
+            Some(fd) => pidfd_send_signal(fd, signal),
+            None => {
+                let sig = match signal {
+                    0 => None,
+                    s => Some(nix::sys::signal::Signal::try_from(s)?),
+                };
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig)
+            }
         };
+        match r {
+            Ok(()) => Ok(true),
+            Err(Errno::ESRCH) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until the process has exited, at most `timeout`; returns
+    /// whether it did. With a pidfd this is one `poll(2)` (it becomes
+    /// readable at exit); without, `kill(pid, 0)` every few milliseconds.
+    pub(crate) fn wait_exit(&self, timeout: std::time::Duration) -> bool {
+        use std::os::fd::AsFd;
+        use std::time::Instant;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(fd) = &self.pidfd {
+                let mut fds = [nix::poll::PollFd::new(
+                    fd.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+                    Ok(n) if n > 0 => return true,
+                    Ok(_) if left.is_zero() => return false,
+                    _ => continue, // EINTR, or a longer wait than u16 ms
+                }
+            }
+            if !matches!(self.signal(0), Ok(true)) {
+                return true;
+            }
+            if left.is_zero() {
+                return false;
+            }
+            std::thread::sleep(left.min(std::time::Duration::from_millis(5)));
+        }
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn pidfd_open(pid: u32) -> nix::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor
+    // (close-on-exec, as every pidfd).
+    let raw = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(nix::errno::Errno::last());
     }
     // SAFETY: a successful pidfd_open returned a descriptor we now own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    if !still_ours().map_err(SignalError::Check)? {
-        return Ok(false);
-    }
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn pidfd_open(_pid: u32) -> nix::Result<OwnedFd> {
+    Err(nix::errno::Errno::ENOSYS)
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
     // SAFETY: a valid pidfd, a null siginfo (as kill(2)), no flags.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
+        nix::libc::syscall(
+            nix::libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
             signal,
-            std::ptr::null::<libc::siginfo_t>(),
+            std::ptr::null::<nix::libc::siginfo_t>(),
             0,
         )
     };
     if r < 0 {
-        return match Errno::last() {
-            Errno::ESRCH => Ok(false),
-            e => Err(SignalError::Os(e.into())),
-        };
+        return Err(nix::errno::Errno::last());
     }
-    Ok(true)
+    Ok(())
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub(crate) fn signal_if(
-    pid: u32,
-    signal: i32,
-    still_ours: impl FnOnce() -> Result<bool, crate::LifecycleError>,
-) -> Result<bool, SignalError> {
-    kill_if(pid, signal, still_ours)
-}
-
-/// Check, then `kill(2)`: the portable fallback.
-fn kill_if(
-    pid: u32,
-    signal: i32,
-    still_ours: impl FnOnce() -> Result<bool, crate::LifecycleError>,
-) -> Result<bool, SignalError> {
-    use nix::errno::Errno;
-    if !still_ours().map_err(SignalError::Check)? {
-        return Ok(false);
-    }
-    // SAFETY: kill(2) with a positive PID (checked by running_pid's parsing).
-    let r = unsafe { nix::libc::kill(pid as nix::libc::pid_t, signal) };
-    if r < 0 {
-        return match Errno::last() {
-            Errno::ESRCH => Ok(false),
-            e => Err(SignalError::Os(e.into())),
-        };
-    }
-    Ok(true)
+fn pidfd_send_signal(_fd: &OwnedFd, _signal: i32) -> nix::Result<()> {
+    Err(nix::errno::Errno::ENOSYS)
 }
 
 /// Whether process `pid` has the file `dev_ino` open, from `/proc/<pid>/fd`.

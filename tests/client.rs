@@ -22,8 +22,8 @@ use common::{
     CHILD_ENV, ENTRY, PID_ENV, SOCK_ENV,
 };
 use historia_lifecycle::{
-    ensure_running, running_pid, signal_daemon, DaemonGuard, Launcher, LifecycleError,
-    PidFileGuard, Started,
+    ensure_running, running_pid, signal_daemon, stop, DaemonGuard, Launcher, LifecycleError,
+    PidFileGuard, SignalMode, Started, Stopped,
 };
 
 /// The spawn log every daemon appends to.
@@ -102,7 +102,12 @@ fn role_daemon() {
         // the grandchild does not hold the write end.
         std::process::exit(0);
     }
-    let guard = match DaemonGuard::acquire(&sock, &pid) {
+    let mode = match behave.as_str() {
+        "ignore-term" => SignalMode::Off,
+        "exit-soon-after-term" => SignalMode::Graceful,
+        _ => SignalMode::Exit,
+    };
+    let guard = match DaemonGuard::builder(&sock, &pid).signals(mode).acquire() {
         Ok(g) => g,
         Err(e) => {
             eprintln!("daemon: {e}");
@@ -113,6 +118,22 @@ fn role_daemon() {
             });
         }
     };
+    if behave == "ignore-term" {
+        // SAFETY: a single-purpose child ignores SIGTERM before any thread
+        // of the guard exists.
+        unsafe { nix::libc::signal(nix::libc::SIGTERM, nix::libc::SIG_IGN) };
+    }
+    if behave == "exit-soon-after-term" {
+        // Exits by itself 50 ms after SIGTERM: a stop that slept through its
+        // deadline and then signalled "the holder" would hit a restarted
+        // daemon instead.
+        let shutdown = guard.shutdown().clone();
+        std::thread::spawn(move || {
+            shutdown.wait();
+            std::thread::sleep(Duration::from_millis(50));
+            std::process::exit(0);
+        });
+    }
     if behave != "no-ready" {
         guard.ready().expect("ready");
     }
@@ -437,4 +458,100 @@ fn a_spawner_killed_mid_spawn_does_not_block_the_next_client() {
         .unwrap()
         .expect("a daemon holds the claim");
     assert_eq!(hello, format!("hello {holder}"));
+}
+
+// ---------------------------------------------------------------------------
+// Stop
+// ---------------------------------------------------------------------------
+
+fn start(p: &Paths, behave: &str) -> u32 {
+    let conn = launcher(p, Duration::from_secs(10))
+        .connect_or_spawn(&mut daemon_for(p, behave))
+        .expect("start");
+    match conn.started {
+        Started::Spawned { pid } => pid,
+        other => panic!("expected a spawn, got {other:?}"),
+    }
+}
+
+/// Nothing running: nothing signalled. A PID file naming an unrelated live
+/// process (no lock): refused as not running, the process untouched.
+#[test]
+fn stop_signals_nothing_without_a_holder() {
+    let p = paths();
+    let r = stop(&p.pid, Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+    assert_eq!(r, Stopped::NotRunning);
+
+    let mut bystander = common::examples::KillOnDrop(
+        Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::fs::write(&p.pid, bystander.0.id().to_string()).unwrap();
+    let r = stop(&p.pid, Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+    assert_eq!(r, Stopped::NotRunning);
+    assert!(
+        bystander.0.try_wait().unwrap().is_none(),
+        "the process the file names was not signalled"
+    );
+}
+
+/// A daemon that exits on SIGTERM is stopped; one that ignores it is killed
+/// after the graceful deadline; the claim is free afterwards.
+#[test]
+fn stop_terminates_then_kills() {
+    let p = paths();
+    let _stop = StopAtEnd(&p);
+    let pid = start(&p, "");
+    let r = stop(&p.pid, Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+    assert_eq!(r, Stopped::Stopped { pid });
+    assert_eq!(running_pid(&p.pid).unwrap(), None);
+    p.assert_gone();
+
+    let p = paths();
+    let _stop = StopAtEnd(&p);
+    let pid = start(&p, "ignore-term");
+    let r = stop(&p.pid, Duration::from_millis(200), Duration::from_secs(5)).unwrap();
+    assert_eq!(r, Stopped::Killed { pid });
+    assert_eq!(running_pid(&p.pid).unwrap(), None);
+}
+
+/// A restart racing the stop: the old daemon exits soon after SIGTERM and a
+/// new one starts at once; the stop reports the old one stopped and the new
+/// one keeps running, not signalled.
+#[test]
+fn stop_never_hits_a_daemon_restarted_meanwhile() {
+    let p = paths();
+    let _stop = StopAtEnd(&p);
+    let old = start(&p, "exit-soon-after-term");
+    let restarter = {
+        let (sock, pid, spawns) = (p.sock.clone(), p.pid.clone(), spawns(&p));
+        std::thread::spawn(move || {
+            // Keep trying until a new daemon answers.
+            loop {
+                let mut cmd = daemon_command(&spawns, "");
+                cmd.env(SOCK_ENV, &sock).env(PID_ENV, &pid);
+                if let Ok(conn) = ensure_running(&sock, &pid, &mut cmd, Duration::from_secs(5)) {
+                    if let Started::Spawned { pid } = conn.started {
+                        return pid;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    // Let the restarter find the old one first, then stop with a graceful
+    // deadline far beyond the old daemon's exit.
+    std::thread::sleep(Duration::from_millis(20));
+    let r = stop(&p.pid, Duration::from_secs(2), Duration::from_secs(2)).unwrap();
+    assert_eq!(r, Stopped::Stopped { pid: old });
+    let new = restarter.join().unwrap();
+    assert_ne!(new, old);
+    // Past the old graceful deadline: the new daemon still holds the claim.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(running_pid(&p.pid).unwrap(), Some(new));
+    let conn = UnixStream::connect(&p.sock).expect("the new daemon answers");
+    assert_eq!(read_hello(conn), format!("hello {new}"));
 }

@@ -425,3 +425,46 @@ fn help_and_bad_arguments() {
     assert_eq!(run(cmd).code(), Some(2));
     assert_eq!(run(command("ctl")).code(), Some(2), "no command");
 }
+
+/// `ctl start` starts the `daemon` beside it and waits until it is ready,
+/// `ctl start` again finds it, `ctl restart` replaces it, `ctl stop` ends
+/// it; every step exits 0.
+#[test]
+fn ctl_start_restart_and_stop_use_the_library_client() {
+    let p = paths();
+    let r = ctl(&p, &["start"]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    let first: u32 = r
+        .stdout
+        .trim()
+        .strip_prefix("started (pid ")
+        .and_then(|s| s.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{r}"))
+        .parse()
+        .unwrap();
+    // Ready means serving: the first request after `start` is answered.
+    assert_eq!(send(&p.sock, "ping"), "pong");
+    assert_eq!(pid_in_file(&p.pid), first);
+
+    let r = ctl(&p, &["start"]);
+    assert_eq!(
+        (r.code(), r.stdout.trim()),
+        (Some(0), "already running"),
+        "{r}"
+    );
+
+    let r = ctl(&p, &["restart"]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    assert!(
+        r.stdout.contains("stopped\n") && r.stdout.contains("started (pid "),
+        "{r}"
+    );
+    let second = pid_in_file(&p.pid);
+    assert_ne!(second, first);
+    assert_eq!(send(&p.sock, "ping"), "pong");
+
+    let r = ctl(&p, &["stop"]);
+    assert_eq!(r.code(), Some(0), "{r}");
+    assert!(r.stdout.ends_with("stopped\n"), "{r}");
+    p.assert_gone();
+}
