@@ -44,13 +44,18 @@ echo "load:    $(cat /proc/loadavg)"
 echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
 df -T "${TMPDIR:-/tmp}" ${shm:+"$shm"} 2>/dev/null | awk '{print "fs:      " $1, $2, $7}'
 
+# All of it lives in the workspace member benches/ (its own manifest, so the
+# root crate's dev-dependencies stay small); its binaries land in the shared
+# target dir.
+pkg=historia-lifecycle-benches
+
 section "build"
-step cargo bench --bench lifecycle --no-run
-step cargo build --release --example contention --example signal_latency --example resources
+step cargo bench -p "$pkg" --bench lifecycle --no-run
+step cargo build --release -p "$pkg" --example contention --example signal_latency --example resources
 ex="$CARGO_TARGET_DIR/release/examples"
 
 section "criterion: ours vs floor vs peers (benches/lifecycle.rs)"
-step cargo bench --bench lifecycle
+step cargo bench -p "$pkg" --bench lifecycle
 
 section "contention: racers in ${TMPDIR:-/tmp}"
 step "$ex/contention"

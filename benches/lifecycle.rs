@@ -27,7 +27,8 @@
 //! and the final Markdown table gives both ratios: criterion medians, and
 //! medians of the paired samples.
 //!
-//! Run: `cargo bench --bench lifecycle` (`bench.sh` runs it with the rest).
+//! Run: `cargo bench -p historia-lifecycle-benches --bench lifecycle` from the
+//! repository root (`bench.sh` runs it with the rest).
 //! `HISTORIA_BENCH_DIRS=dir1:dir2` picks the directories,
 //! `HISTORIA_PAIRED_SECS` the paired time per comparison (default 1.5).
 
@@ -45,7 +46,7 @@ use historia_lifecycle::{
 };
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
-#[path = "../examples/shared/bench_util.rs"]
+#[path = "examples/shared/bench_util.rs"]
 mod bench_util;
 
 /// Short runs: the whole `bench.sh` must fit in 10 minutes on 2 cores.

@@ -216,7 +216,7 @@ impl Launcher {
     }
 
     fn spawn_and_wait(&self, command: &mut Command, deadline: Instant) -> Result<Connection> {
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        let (read, write) = crate::sys::cloexec_pipe()
             .map_err(|e| io_at("create readiness pipe for", &self.socket_path, e.into()))?;
         let ino = nix::sys::stat::fstat(write.as_fd())
             .map_err(|e| io_at("examine readiness pipe for", &self.socket_path, e.into()))?

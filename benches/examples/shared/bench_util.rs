@@ -6,8 +6,9 @@
 //! `[--count N] [--dir DIR]` command line.
 //!
 //! Included with `#[path = "shared/bench_util.rs"] mod bench_util;` (from
-//! benches/: `#[path = "../examples/shared/bench_util.rs"]`), so each program
-//! compiles its own copy.
+//! `benches/lifecycle.rs`: `#[path = "examples/shared/bench_util.rs"]`), so
+//! each program compiles its own copy (and can inline the floors). All of
+//! them belong to the workspace member `historia-lifecycle-benches`.
 
 // Each includer uses a different subset of these helpers; the rest would be
 // reported as dead code in that program only.

@@ -4,8 +4,8 @@
 //! counts around 10^5 acquire/drop cycles, which must be flat. Linux only.
 //!
 //! ```text
-//! cargo run --release --example resources                  # in $TMPDIR
-//! cargo run --release --example resources -- --cycles 1000000 --dir /dev/shm
+//! cargo run --release -p historia-lifecycle-benches --example resources                  # in $TMPDIR
+//! cargo run --release -p historia-lifecycle-benches --example resources -- --cycles 1000000 --dir /dev/shm
 //! ```
 //!
 //! `resources profile <ours-off|ours-exit|floor|ours-lose|floor-lose> N [DIR]`

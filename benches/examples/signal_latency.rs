@@ -3,8 +3,8 @@
 //! gone. Linux only (inotify, /proc).
 //!
 //! ```text
-//! cargo run --release --example signal_latency                # 300 runs per method in $TMPDIR
-//! cargo run --release --example signal_latency -- --runs 1000 --dir /dev/shm
+//! cargo run --release -p historia-lifecycle-benches --example signal_latency                # 300 runs per method in $TMPDIR
+//! cargo run --release -p historia-lifecycle-benches --example signal_latency -- --runs 1000 --dir /dev/shm
 //! ```
 //!
 //! Each run spawns this program in the `holder` role in a fresh temp dir: it

@@ -2,10 +2,10 @@
 //! acquire the same `DaemonGuard`. Every round must have exactly one winner.
 //!
 //! ```text
-//! cargo run --release --example contention                         # N = 2, 8, 32, 64, default rounds
-//! cargo run --release --example contention -- --rounds 2000 --n 8  # the stress run
-//! cargo run --release --example contention -- --n 2,64 --rounds 50 --dir /dev/shm --no-floor
-//! cargo run --release --example contention -- --n 64 --runtime-dir exists
+//! cargo run --release -p historia-lifecycle-benches --example contention                         # N = 2, 8, 32, 64, default rounds
+//! cargo run --release -p historia-lifecycle-benches --example contention -- --rounds 2000 --n 8  # the stress run
+//! cargo run --release -p historia-lifecycle-benches --example contention -- --n 2,64 --rounds 50 --dir /dev/shm --no-floor
+//! cargo run --release -p historia-lifecycle-benches --example contention -- --n 64 --runtime-dir exists
 //! ```
 //!
 //! Each round, in a fresh temp dir:
