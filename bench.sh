@@ -51,7 +51,9 @@ pkg=historia-lifecycle-benches
 
 section "build"
 step cargo bench -p "$pkg" --bench lifecycle --no-run
-step cargo build --release -p "$pkg" --example contention --example signal_latency --example resources
+step cargo build --release -p "$pkg" --example contention --example signal_latency --example resources --example client_start
+# The daemon that client_start starts, from the root crate.
+step cargo build --release --example daemon
 ex="$CARGO_TARGET_DIR/release/examples"
 
 section "criterion: ours vs floor vs peers (benches/lifecycle.rs)"
@@ -71,13 +73,16 @@ if [ -n "$shm" ]; then
     step "$ex/signal_latency" --dir "$shm"
 fi
 
+section "client: cold start vs the naive client, racing clients (${shm:-${TMPDIR:-/tmp}})"
+step "$ex/client_start" --runs 40 --rounds 30 ${shm:+--dir "$shm"}
+
 section "resources"
 step "$ex/resources"
 
 section "syscalls per acquire+drop cycle and per lost attempt (strace -c -f, 2000 each, ${shm:-${TMPDIR:-/tmp}})"
 if command -v strace >/dev/null 2>&1; then
     n=2000
-    for kind in floor ours-off ours-exit floor-lose ours-lose; do
+    for kind in floor ours-off ours-exit pid-guard floor-lose ours-lose; do
         out="$CARGO_TARGET_DIR/strace-$kind.txt"
         step strace -c -f -o "$out" "$ex/resources" profile "$kind" "$n" ${shm:+"$shm"}
         # strace -c columns: % time, seconds, usecs/call, calls, [errors], syscall

@@ -42,7 +42,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::Criterion;
 use historia_lifecycle::{
-    check_singleton, read_pid_file, write_pid_file, DaemonGuard, SignalMode, SingletonCheck,
+    check_singleton, ensure_running, read_pid_file, write_pid_file, DaemonGuard, PidFileGuard,
+    SignalMode, SingletonCheck,
 };
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
@@ -166,6 +167,34 @@ fn acquire_exit(p: &Paths) {
     drop(black_box(guard));
 }
 
+/// The PID-file-only guard, default signal handling: the fair comparison
+/// with the peers, which bind no socket either.
+fn pid_guard_exit(p: &Paths) {
+    let guard = PidFileGuard::acquire(&p.pid).expect("acquire");
+    drop(black_box(guard));
+}
+
+/// The client's connect to a running daemon (`ensure_running` finds it at
+/// the first connect; the command is never run).
+fn client_ours(p: &Paths) {
+    let mut never_run = std::process::Command::new("/bin/false");
+    let conn = ensure_running(
+        black_box(&p.sock),
+        &p.pid,
+        &mut never_run,
+        Duration::from_secs(1),
+    )
+    .expect("connect");
+    drop(black_box(conn));
+}
+
+/// Its floor: std's `UnixStream::connect` and close.
+fn client_floor(p: &Paths) {
+    drop(black_box(
+        std::os::unix::net::UnixStream::connect(black_box(&p.sock)).expect("connect"),
+    ));
+}
+
 /// The floor of acquire + drop, by hand (shared with the `resources`
 /// example's profile loop).
 fn acquire_floor(p: &Paths) {
@@ -254,6 +283,36 @@ fn check_live(c: &mut Criterion, base: &Base) {
     g.finish();
 }
 
+fn client_connect(c: &mut Criterion, base: &Base) {
+    let p = paths(base);
+    let listener = UnixListener::bind(&p.sock).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let mut g = c.benchmark_group(base.group("client_connect"));
+    for (name, op) in [
+        ("ours_ensure_running", client_ours as fn(&Paths)),
+        ("floor_std_connect", client_floor),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(BATCH);
+                    let t = Instant::now();
+                    for _ in 0..n {
+                        op(&p);
+                    }
+                    total += t.elapsed();
+                    drain(&listener);
+                    left -= n;
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
 fn check_stale(c: &mut Criterion, base: &Base) {
     let p = paths(base);
     let mut g = c.benchmark_group(base.group("check_singleton_stale"));
@@ -319,6 +378,7 @@ fn acquire_drop(c: &mut Criterion, base: &Base) {
     let mut g = c.benchmark_group(base.group("acquire_drop"));
     g.bench_function("ours_signals_off", |b| b.iter(|| acquire_off(&p)));
     g.bench_function("ours_signals_exit", |b| b.iter(|| acquire_exit(&p)));
+    g.bench_function("ours_pid_guard_exit", |b| b.iter(|| pid_guard_exit(&p)));
     g.bench_function("floor_by_hand", |b| b.iter(|| acquire_floor(&p)));
     g.bench_function("peer_pidlock", |b| b.iter(|| peer_pidlock(&p)));
     g.bench_function("peer_single_instance", |b| {
@@ -377,6 +437,7 @@ fn main() {
     for base in &bases {
         check_absent(&mut c, base);
         check_live(&mut c, base);
+        client_connect(&mut c, base);
         check_stale(&mut c, base);
         pid_file(&mut c, base);
         acquire_drop(&mut c, base);
@@ -501,6 +562,12 @@ fn paired_pass(base: &Base) -> Vec<Paired> {
         t
     };
     out.push(pair("live", secs, || live(live_ours), || live(live_floor)));
+    out.push(pair(
+        "client",
+        secs,
+        || live(client_ours),
+        || live(client_floor),
+    ));
     drop(listener);
     std::fs::remove_file(&p.sock).expect("remove");
 
@@ -533,6 +600,19 @@ fn paired_pass(base: &Base) -> Vec<Paired> {
         timed(|| peer_pidfile_rs(&p))
     }));
     out.push(pair("exit/pidfile_rs_no_write", secs, exit, || {
+        timed(|| peer_pidfile_rs_no_write(&p))
+    }));
+    let pg = || timed(|| pid_guard_exit(&p));
+    out.push(pair("pidguard/pidlock", secs, pg, || {
+        timed(|| peer_pidlock(&p))
+    }));
+    out.push(pair("pidguard/single_instance", secs, pg, || {
+        timed(|| peer_single_instance(&name))
+    }));
+    out.push(pair("pidguard/pidfile_rs", secs, pg, || {
+        timed(|| peer_pidfile_rs(&p))
+    }));
+    out.push(pair("pidguard/pidfile_rs_no_write", secs, pg, || {
         timed(|| peer_pidfile_rs_no_write(&p))
     }));
     out
@@ -639,6 +719,14 @@ fn summary(since: SystemTime, bases: &[Base], paired: &[Vec<Paired>]) {
             Some("live"),
             "<= 1.2x",
         );
+        row(
+            "client connect to a running daemon (ensure_running)",
+            "floor: UnixStream::connect + close",
+            m("client_connect", "ours_ensure_running"),
+            m("client_connect", "floor_std_connect"),
+            Some("client"),
+            "<= 1.1x",
+        );
         let with = m("check_singleton_stale", "ours_plus_recreate");
         let recreate = m("check_singleton_stale", "recreate_only");
         row(
@@ -707,6 +795,42 @@ fn summary(since: SystemTime, bases: &[Base], paired: &[Vec<Paired>]) {
                 "acquire+drop, SignalMode::Exit (default)",
                 what,
                 exit,
+                m("acquire_drop", bench),
+                Some(key),
+                target,
+            );
+        }
+        let pg = m("acquire_drop", "ours_pid_guard_exit");
+        for (bench, key, what, target) in [
+            (
+                "peer_pidlock",
+                "pidguard/pidlock",
+                "pidlock 0.2 acquire+release (no lock: O_EXCL; stale check by kill(pid, 0))",
+                "<= 1.0x",
+            ),
+            (
+                "peer_single_instance",
+                "pidguard/single_instance",
+                "single-instance 0.3 new+drop (an abstract socket: no file, no PID)",
+                "<= 1.0x",
+            ),
+            (
+                "peer_pidfile_rs",
+                "pidguard/pidfile_rs",
+                "pidfile-rs 0.3 new+write+drop (truncate+write in place, fdatasync)",
+                "<= 1.0x",
+            ),
+            (
+                "peer_pidfile_rs_no_write",
+                "pidguard/pidfile_rs_no_write",
+                "pidfile-rs 0.3 new+drop, no PID written (context)",
+                "",
+            ),
+        ] {
+            row(
+                "PidFileGuard acquire+drop (Exit)",
+                what,
+                pg,
                 m("acquire_drop", bench),
                 Some(key),
                 target,

@@ -8,7 +8,7 @@
 //! cargo run --release -p historia-lifecycle-benches --example resources -- --cycles 1000000 --dir /dev/shm
 //! ```
 //!
-//! `resources profile <ours-off|ours-exit|floor|ours-lose|floor-lose> N [DIR]`
+//! `resources profile <ours-off|ours-exit|pid-guard|floor|ours-lose|floor-lose> N [DIR]`
 //! only runs N acquire/drop cycles of one kind, for `strace -c -f` or
 //! callgrind (bench.sh uses it to count the syscalls per cycle). The `-lose`
 //! kinds are N attempts that lose against a claim this process holds.
@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use historia_lifecycle::{DaemonGuard, LifecycleError, SignalMode};
+use historia_lifecycle::{DaemonGuard, LifecycleError, PidFileGuard, SignalMode};
 
 #[path = "shared/bench_util.rs"]
 mod bench_util;
@@ -39,7 +39,7 @@ fn main() {
 fn usage() -> ! {
     eprintln!(
         "usage: resources [--cycles N] [--dir DIR]\n       \
-         resources profile <ours-off|ours-exit|floor|ours-lose|floor-lose> N [DIR]"
+         resources profile <ours-off|ours-exit|pid-guard|floor|ours-lose|floor-lose> N [DIR]"
     );
     std::process::exit(64);
 }
@@ -269,6 +269,7 @@ fn profile(args: &[String]) {
                     .expect("acquire"),
             ),
             "ours-exit" => drop(DaemonGuard::acquire(&sock, &pid).expect("acquire")),
+            "pid-guard" => drop(PidFileGuard::acquire(&pid).expect("acquire")),
             "floor" => bench_util::floor_acquire_drop(&sock, &pid, me),
             "ours-lose" => assert!(matches!(
                 DaemonGuard::acquire(&sock, &pid),
