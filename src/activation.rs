@@ -526,8 +526,13 @@ pub(crate) fn adopt(fd: RawFd) -> Result<UnixListener> {
 /// [systemd.socket(5)](https://www.freedesktop.org/software/systemd/man/latest/systemd.socket.html).
 pub fn activated_listener(socket_path: &Path, name: Option<&str>) -> Result<Option<UnixListener>> {
     let env = |key| std::env::var_os(key);
+    // The common start has no LISTEN_PID at all: answer without the
+    // getpid(2) the comparison needs.
+    let Some(listen_pid) = env("LISTEN_PID") else {
+        return Ok(None);
+    };
     let Some(fds) = parse_listen_env(
-        env("LISTEN_PID").as_deref(),
+        Some(&listen_pid),
         env("LISTEN_FDS").as_deref(),
         env("LISTEN_FDNAMES").as_deref(),
         std::process::id(),

@@ -58,6 +58,14 @@
 //! [`scrub_service_env`] keeps those variables from the children a daemon
 //! spawns. Unit files: `docs/service-managers.md`.
 //!
+//! # The client side
+//! A daemon's command-line client connects or starts it with
+//! [`ensure_running`] (exactly one spawn among racing clients, serialised
+//! on `<socket>.lock`; the daemon's [`DaemonGuard::ready`] reports down a
+//! pipe, and a failed start returns its reason), and stops it with
+//! [`stop`] (SIGTERM through a pidfd, SIGKILL after the deadline, never a
+//! recycled PID or a restarted daemon).
+//!
 //! # Design
 //! - **One claim, several front doors.** Every guard rests on the same
 //!   claim: an exclusive flock on the PID file, held for the guard's life.
