@@ -19,8 +19,14 @@ pub const PID_FILE_MODE: u32 = 0o644;
 /// A PID file holds one number; anything longer than this is not one.
 const MAX_PID_FILE_LEN: u64 = 64;
 
-/// Writes the current process's PID to `pid_path` as `"<pid>\n"` and returns
-/// the PID.
+/// Writes the current process's PID to `pid_path` and returns the PID.
+///
+/// The file holds the PID in decimal digits and nothing else, no newline, as
+/// FreeBSD pidfile(3)'s `pidfile_write` writes it: libbsd's `pidfile_read`
+/// (behind `pidfile_open(3)`) wants the whole file to be the number, so a C
+/// program using it reads our PID instead of failing with `EINVAL`.
+/// [`read_pid_file`] accepts the number with or without surrounding
+/// whitespace.
 ///
 /// The file is written atomically: the PID goes into a fresh temp file in the
 /// same directory (opened `O_CREAT|O_EXCL|O_CLOEXEC`, so it never follows a
@@ -43,7 +49,7 @@ const MAX_PID_FILE_LEN: u64 = 64;
 /// let path = dir.path().join("daemon.pid");
 /// let pid = write_pid_file(&path)?;
 /// assert_eq!(pid, std::process::id());
-/// assert_eq!(std::fs::read_to_string(&path)?, format!("{pid}\n"));
+/// assert_eq!(std::fs::read_to_string(&path)?, pid.to_string()); // digits only
 /// assert_eq!(read_pid_file(&path)?, Some(pid));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -209,9 +215,9 @@ pub(crate) struct Claim {
 /// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but
 /// never showing a torn or empty file.
 ///
-/// 1. A fresh file gets `"<pid>\n"`, mode 0644 and an exclusive flock before
-///    it has a name (Linux `O_TMPFILE`; elsewhere a named temp file beside
-///    the PID file). A missing directory is created then (0700, as
+/// 1. A fresh file gets the PID (digits only, as [`write_pid_file`]), mode
+///    0644 and an exclusive flock before it has a name (Linux `O_TMPFILE`;
+///    elsewhere a named temp file beside the PID file). A missing directory is created then (0700, as
 ///    [`ensure_dir`]), not looked for first.
 /// 2. It is linked in with no-replace semantics. If that works, nobody else
 ///    had the path: the claim is ours.
@@ -381,7 +387,7 @@ pub(crate) fn lock_existing(pid_path: &Path) -> Result<Option<(File, (u64, u64))
     Ok(Some((file, id)))
 }
 
-/// A temp file (mode 0600) beside `pid_path` holding `"<pid>\n"`. Removed on
+/// A temp file (mode 0600) beside `pid_path` holding the PID. Removed on
 /// drop unless persisted.
 fn temp_file_beside(pid_path: &Path, pid: u32) -> Result<NamedTempFile> {
     let dir = parent_dir(pid_path);
@@ -403,10 +409,16 @@ fn temp_file_beside(pid_path: &Path, pid: u32) -> Result<NamedTempFile> {
     Ok(tmp)
 }
 
-/// Writes `"<pid>\n"` with one `write(2)`.
+/// Writes the PID's decimal digits, with no newline (FreeBSD pidfile(3)'s
+/// format, which libbsd's `pidfile_read` insists on), with one `write(2)`.
 fn write_pid(f: &mut File, pid_path: &Path, pid: u32) -> Result<()> {
-    f.write_all(format!("{pid}\n").as_bytes())
+    f.write_all(pid_file_bytes(pid).as_bytes())
         .map_err(|e| io_at("write new PID file", pid_path, e))
+}
+
+/// What a PID file written by this crate holds: the PID in decimal digits.
+pub(crate) fn pid_file_bytes(pid: u32) -> String {
+    pid.to_string()
 }
 
 /// Opens a PID file for reading without following a symlink or blocking on a
