@@ -29,9 +29,18 @@ pub type Result<T, E = LifecycleError> = std::result::Result<T, E>;
 /// assert_eq!(exit_code(&LifecycleError::AlreadyRunning), 3);
 /// ```
 ///
-/// Messages are lowercase; a message about a path names the path and the
-/// operation, and leaves the OS error to [`std::error::Error::source`]; print
-/// the chain (for example with `anyhow`'s `{:#}`) to see both.
+/// Messages are lowercase; a message about a path names the operation, the
+/// path and what the OS said, on one line, as tempfile's path errors do:
+///
+/// ```text
+/// cannot create PID file /run/app/daemon.pid: Permission denied (os error 13)
+/// ```
+///
+/// so `eprintln!("{e}")` says everything. The OS error is in the text, so it
+/// is not repeated as the [`source`](std::error::Error::source): a chain
+/// printer (`anyhow`'s `{:#}`, a loop over `source()`) shows each fact once.
+/// Its kind stays on the [`io::Error`] ([`io::Error::kind`]) and its number is
+/// [`LifecycleError::raw_os_error`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LifecycleError {
@@ -44,9 +53,9 @@ pub enum LifecycleError {
 
     /// A system call on a path failed.
     ///
-    /// Errors made by this crate carry the operation and the path in their
-    /// message while keeping the OS error's [`io::ErrorKind`]; the raw OS
-    /// error is the [`source`](std::error::Error::source).
+    /// Errors made by this crate carry the operation, the path and the OS
+    /// error in their message while keeping the OS error's
+    /// [`io::ErrorKind`]; [`LifecycleError::raw_os_error`] gives its number.
     #[error(transparent)]
     Io(#[from] io::Error),
 
@@ -117,9 +126,10 @@ pub enum LifecycleError {
         path: PathBuf,
     },
 
-    /// Installing the SIGTERM/SIGINT handling failed.
-    #[error("cannot install the SIGTERM/SIGINT handlers")]
-    Signals(#[source] io::Error),
+    /// Installing the SIGTERM/SIGINT handling failed. The message ends with
+    /// the OS error.
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signals(io::Error),
 }
 
 impl LifecycleError {
@@ -144,6 +154,28 @@ impl LifecycleError {
             | LifecycleError::HolderUnknown { path }
             | LifecycleError::PathTooLong { path, .. }
             | LifecycleError::InsecureDir { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+impl LifecycleError {
+    /// The OS error number (`errno`) behind this error, if one is: for
+    /// [`Io`](Self::Io) (also through the operation-and-path wrapper whose
+    /// message already shows it) and [`Signals`](Self::Signals).
+    ///
+    /// ```
+    /// use historia_lifecycle::read_pid_file;
+    /// let dir = tempfile::tempdir()?;
+    /// std::fs::write(dir.path().join("a-file"), b"")?;
+    /// let err = read_pid_file(&dir.path().join("a-file/daemon.pid")).unwrap_err();
+    /// assert_eq!(err.raw_os_error(), Some(20)); // ENOTDIR
+    /// assert!(err.to_string().ends_with("Not a directory (os error 20)"), "{err}");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            LifecycleError::Io(e) | LifecycleError::Signals(e) => os_errno(e),
             _ => None,
         }
     }
@@ -216,15 +248,19 @@ struct PathError {
 
 impl fmt::Display for PathError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot {} {}", self.op, self.path.display())
+        write!(
+            f,
+            "cannot {} {}: {}",
+            self.op,
+            self.path.display(),
+            self.source
+        )
     }
 }
 
-impl std::error::Error for PathError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
-    }
-}
+/// No source: the OS error is already the end of the message, and a chain
+/// printer would show it twice.
+impl std::error::Error for PathError {}
 
 /// The OS error number behind `e`, looking through the operation-and-path
 /// wrapper that [`io_at`] puts around it.
@@ -285,21 +321,82 @@ mod tests {
     use super::*;
     use std::error::Error as _;
 
+    /// What a chain printer (the examples' `report`, `anyhow`'s `{:#}`)
+    /// shows: the error, then each source.
+    fn chain(e: &dyn std::error::Error) -> Vec<String> {
+        let mut lines = vec![e.to_string()];
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            lines.push(c.to_string());
+            cause = c.source();
+        }
+        lines
+    }
+
     #[test]
-    fn io_errors_name_operation_and_path_and_keep_kind_and_source() {
+    fn io_errors_name_operation_path_and_os_error_once_and_keep_the_kind() {
         let e = io_at(
-            "open PID file",
+            "create PID file",
             Path::new("/run/x.pid"),
             io::Error::from_raw_os_error(nix::libc::EACCES),
         );
-        assert_eq!(e.to_string(), "cannot open PID file /run/x.pid");
+        assert_eq!(
+            e.to_string(),
+            "cannot create PID file /run/x.pid: Permission denied (os error 13)"
+        );
         let LifecycleError::Io(inner) = &e else {
             panic!("expected Io, got {e:?}")
         };
         assert_eq!(inner.kind(), io::ErrorKind::PermissionDenied);
-        let src = e.source().expect("the OS error is the source");
-        assert!(src.to_string().contains("ermission denied"), "{src}");
+        assert_eq!(e.raw_os_error(), Some(nix::libc::EACCES));
+        assert_eq!(os_errno(inner), Some(nix::libc::EACCES));
         assert_eq!(e.path(), Some(Path::new("/run/x.pid")));
+        // The cause is in the text, so no chain printer repeats it.
+        assert!(e.source().is_none(), "{:?}", e.source());
+        assert_eq!(chain(&e), [e.to_string()]);
+        assert_eq!(one_line(&e), e.to_string());
+    }
+
+    #[test]
+    fn a_wrapped_error_shows_each_fact_once() {
+        /// As the examples' `context("cannot start", e)`.
+        #[derive(Debug)]
+        struct Context(LifecycleError);
+        impl fmt::Display for Context {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("cannot start")
+            }
+        }
+        impl std::error::Error for Context {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let path = Path::new("/run/app/daemon.pid");
+        for e in [
+            io_at(
+                "create PID file",
+                path,
+                io::Error::from_raw_os_error(nix::libc::EACCES),
+            ),
+            errno_at("bind socket", path, nix::errno::Errno::EROFS),
+            LifecycleError::Signals(io::Error::from_raw_os_error(nix::libc::EINVAL)),
+        ] {
+            let lines = chain(&Context(e));
+            let all = lines.join("\n");
+            assert_eq!(lines.len(), 2, "{all}");
+            for fact in ["os error", "cannot start"] {
+                assert_eq!(all.matches(fact).count(), 1, "{fact:?} in {all}");
+            }
+        }
+        let signals = LifecycleError::Signals(io::Error::from_raw_os_error(nix::libc::EINVAL));
+        assert_eq!(
+            signals.to_string(),
+            "cannot install the SIGTERM/SIGINT handlers: Invalid argument (os error 22)"
+        );
+        assert_eq!(signals.raw_os_error(), Some(nix::libc::EINVAL));
+        assert!(signals.source().is_none());
+        assert_eq!(LifecycleError::AlreadyRunning.raw_os_error(), None);
     }
 
     #[test]

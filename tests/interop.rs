@@ -371,3 +371,39 @@ fn a_flock_tool_holder_refuses_our_guard() {
         .expect("acquire after flock(1) ended");
     guard.close().unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// What the example daemon says
+// ---------------------------------------------------------------------------
+
+#[test]
+fn daemon_start_error_names_the_path_and_the_os_error_once() {
+    use std::os::unix::process::CommandExt;
+    // A root-owned 0755 dir: the unprivileged user may enter it but not
+    // create the PID file in it.
+    let base = tempfile::Builder::new()
+        .prefix("historia-msg-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    common::chmod(base.path(), 0o755);
+    let p = common::Paths {
+        sock: base.path().join("daemon.sock"),
+        pid: base.path().join("daemon.pid"),
+        dir: base,
+    };
+    let mut cmd = common::examples::daemon_cmd(&p);
+    cmd.uid(common::NOBODY).gid(common::NOBODY).current_dir("/");
+    let out = run(cmd);
+    assert_eq!(out.code(), Some(1), "{out}");
+    let expected = format!(
+        "cannot create PID file {}: Permission denied (os error 13)",
+        p.pid.display()
+    );
+    assert!(out.stderr.contains(&expected), "{out}");
+    assert_eq!(
+        out.stderr.matches("Permission denied").count(),
+        1,
+        "the OS error is printed more than once: {out}"
+    );
+    p.assert_gone();
+}
