@@ -217,14 +217,22 @@ impl DaemonGuard {
         self.inner.notifier()
     }
 
-    /// Whether acquiring removed a stale socket left by a dead instance.
+    /// Whether acquiring removed a stale socket: a socket file nobody
+    /// listened on (`ECONNREFUSED`), as a dead instance leaves.
     pub fn reclaimed_stale_socket(&self) -> bool {
         self.reclaimed_socket
     }
 
-    /// Whether acquiring replaced a stale PID file left by a dead instance.
+    /// Whether acquiring replaced a stale PID file, as
+    /// [`PidFileGuard::reclaimed_stale_pid_file`].
     pub fn reclaimed_stale_pid_file(&self) -> bool {
         self.inner.reclaimed_stale_pid_file()
+    }
+
+    /// The PID the replaced stale PID file named, as
+    /// [`PidFileGuard::replaced_pid`].
+    pub fn replaced_pid(&self) -> Option<u32> {
+        self.inner.replaced_pid()
     }
 
     /// The guard's shutdown handle. In [`SignalMode::Graceful`] SIGTERM and

@@ -72,6 +72,7 @@ pub struct PidFileGuard {
     registration: Option<Registration>,
     shutdown: Shutdown,
     reclaimed_pid_file: bool,
+    replaced_pid: Option<u32>,
 }
 
 /// Options for [`PidFileGuard`]; made by [`PidFileGuard::builder`].
@@ -126,9 +127,19 @@ impl PidFileGuard {
         &self.pid_path
     }
 
-    /// Whether acquiring replaced a stale PID file left by a dead instance.
+    /// Whether acquiring replaced a stale PID file: one nobody held the lock
+    /// on, left by a dead instance or by another tool (`flock(1)` leaves an
+    /// empty one). [`replaced_pid`](Self::replaced_pid) tells which.
     pub fn reclaimed_stale_pid_file(&self) -> bool {
         self.reclaimed_pid_file
+    }
+
+    /// The PID named in the stale PID file that acquiring replaced, if it
+    /// named one; that process no longer held the lock. `None` when nothing
+    /// was replaced, or the file held no PID (empty, as `flock(1)` creates a
+    /// missing file, or garbage), so no dead instance can be blamed.
+    pub fn replaced_pid(&self) -> Option<u32> {
+        self.replaced_pid
     }
 
     /// The guard's shutdown handle. In [`SignalMode::Graceful`] SIGTERM and
@@ -303,6 +314,7 @@ pub(crate) fn acquire_with<T>(
         registration,
         shutdown,
         reclaimed_pid_file: claim.reclaimed,
+        replaced_pid: claim.stale_pid,
     };
     Ok((guard, extra))
 }

@@ -210,6 +210,9 @@ pub(crate) struct Claim {
     /// Whether any run of `under_stale` answered `true` (it reclaimed
     /// something, such as a stale socket).
     pub(crate) stale_work: bool,
+    /// The PID the last replaced stale file named, when it held one: `None`
+    /// for an empty file (as `flock(1)` creates) or garbage.
+    pub(crate) stale_pid: Option<u32>,
 }
 
 /// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but
@@ -248,6 +251,7 @@ pub(crate) fn claim(
     // in the contention harness (BENCHMARKS.md).
     let mut reclaimed = false;
     let mut stale_work = false;
+    let mut stale_pid = None;
 
     let mut fresh = Fresh::new(pid_path, pid)?;
     // Our own new file: nobody else can have locked it.
@@ -280,14 +284,21 @@ pub(crate) fn claim(
                     dev_ino: ours,
                     reclaimed,
                     stale_work,
+                    stale_pid,
                 })
             }
             Err((back, e)) if e.kind() == io::ErrorKind::AlreadyExists => fresh = back,
             Err((_, e)) => return Err(io_at("create PID file", pid_path, e)),
         }
-        if let Some((stale, id)) = lock_existing(pid_path)? {
+        if let Some((mut stale, id)) = lock_existing(pid_path)? {
             stale_work |= under_stale(id)?;
-            reclaimed |= remove_if_same(pid_path, id, "remove stale PID file")?;
+            // What it named, for the caller's message; read under the lock,
+            // bounded, and never a reason to fail.
+            let named = parse_file(&mut stale, pid_path).ok();
+            if remove_if_same(pid_path, id, "remove stale PID file")? {
+                reclaimed = true;
+                stale_pid = named;
+            }
             drop(stale);
         }
     }

@@ -30,6 +30,7 @@ fn child_process_entry() {
     child_main(|role| match role {
         "hold" => common::role_hold(),
         "hold-pid" => role_hold_pid(),
+        "bare" => common::serve_bare_listener(&child_paths().0),
         other => panic!("unknown child role {other:?}"),
     });
 }
@@ -279,6 +280,7 @@ fn a_sigkilled_libbsd_holder_leaves_a_pid_file_we_reclaim() {
     let exe = build_bsdpid(p.dir.path());
     let mut bsd = Tool::spawn(bsdpid(&exe, &p.pid));
     assert!(bsd.expect_line().starts_with("HELD "));
+    let bsd_pid = bsd.child.id();
     bsd.child.kill().unwrap();
     bsd.child.wait().unwrap();
     assert!(p.pid.exists(), "libbsd's file stays after SIGKILL");
@@ -288,6 +290,7 @@ fn a_sigkilled_libbsd_holder_leaves_a_pid_file_we_reclaim() {
         .acquire()
         .expect("acquire over a dead libbsd holder's file");
     assert!(guard.reclaimed_stale_pid_file());
+    assert_eq!(guard.replaced_pid(), Some(bsd_pid));
     assert_eq!(running_pid(&p.pid).unwrap(), Some(std::process::id()));
     guard.close().unwrap();
     p.assert_gone();
@@ -333,6 +336,7 @@ fn flock_tool_fails_while_we_hold_and_succeeds_after() {
         .acquire()
         .expect("acquire over flock(1)'s empty file");
     assert!(guard.reclaimed_stale_pid_file());
+    assert_eq!(guard.replaced_pid(), None, "an empty file names nobody");
     guard.close().unwrap();
     p.assert_gone();
 }
@@ -406,4 +410,103 @@ fn daemon_start_error_names_the_path_and_the_os_error_once() {
         "the OS error is printed more than once: {out}"
     );
     p.assert_gone();
+}
+
+/// The daemon example, refused: its exit status 3 and what it said.
+fn refused_daemon(p: &common::Paths) -> String {
+    let out = run(common::examples::daemon_cmd(p));
+    assert_eq!(out.code(), Some(3), "{out}");
+    out.stderr
+}
+
+#[test]
+#[serial]
+fn daemon_refused_by_another_tools_lock_says_so_and_that_no_socket_exists() {
+    let p = paths();
+    let exe = build_bsdpid(p.dir.path());
+    let mut flock = flock_holder(&p.pid);
+    let mut bsd = None;
+    for tool in ["flock", "bsdpid"] {
+        let (holder, name) = match tool {
+            "flock" => (flock.child.id(), "flock"),
+            _ => {
+                flock.finish();
+                let b = Tool::spawn(bsdpid(&exe, &p.pid));
+                assert!(b.expect_line().starts_with("HELD "));
+                let id = b.child.id();
+                bsd = Some(b);
+                (id, "bsdpid")
+            }
+        };
+        let said = refused_daemon(&p);
+        let expected = format!(
+            "daemon: the PID file {} is locked by pid {holder} ({name}) (no socket at {}); \
+             not starting a second instance",
+            p.pid.display(),
+            p.sock.display()
+        );
+        assert_eq!(said.trim_end(), expected, "{tool}");
+        assert!(!said.contains("already running"), "{tool}: {said}");
+        assert!(!p.sock.exists(), "{tool}: the refused daemon left a socket");
+    }
+    bsd.unwrap().finish();
+}
+
+#[test]
+#[serial]
+fn daemon_refused_by_a_lockless_listener_says_nobody_holds_the_lock() {
+    let p = paths();
+    let mut bare = p.child("bare").spawn();
+    assert_eq!(bare.expect_line(), "LISTENING");
+    let said = refused_daemon(&p);
+    assert!(
+        said.contains(&format!(
+            "a process listens on {} but none holds the lock on {}",
+            p.sock.display(),
+            p.pid.display()
+        )),
+        "{said}"
+    );
+    assert!(!said.contains("already running"), "{said}");
+    bare.stop();
+}
+
+#[test]
+#[serial]
+fn daemon_over_flocks_empty_file_or_a_dead_bsd_holders_file_says_what_it_replaced() {
+    use common::examples::Daemon;
+    let p = paths();
+    let exe = build_bsdpid(p.dir.path());
+
+    // flock(1) creates the missing file, empty, and lets go.
+    assert_eq!(flock_n(&p.pid, false), Some(0));
+    let d = Daemon::start(common::examples::daemon_cmd(&p));
+    let out = d.output();
+    assert!(
+        out.contains("reclaimed an unlocked PID file that named no process"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("dead instance") && !out.contains("naming pid"),
+        "{out}"
+    );
+    drop(d); // SIGKILL: leaves the files
+    std::fs::remove_file(&p.sock).unwrap();
+    std::fs::remove_file(&p.pid).unwrap();
+
+    // A SIGKILLed libbsd holder leaves its bare PID: named, and only that.
+    let mut bsd = Tool::spawn(bsdpid(&exe, &p.pid));
+    assert!(bsd.expect_line().starts_with("HELD "));
+    let bsd_pid = bsd.child.id();
+    bsd.child.kill().unwrap();
+    bsd.child.wait().unwrap();
+    let d = Daemon::start(common::examples::daemon_cmd(&p));
+    let out = d.output();
+    assert!(
+        out.lines().any(|l| l
+            == format!(
+                "reclaimed a stale PID file naming pid {bsd_pid}, which no longer held its lock"
+            )),
+        "{out}"
+    );
 }
