@@ -126,6 +126,22 @@ pub enum LifecycleError {
         path: PathBuf,
     },
 
+    /// The socket path is taken by something that is not ours and not
+    /// provably stale, found when `bind(2)` answered `EADDRINUSE` under the
+    /// claim: a socket of another user that refuses us permission to
+    /// connect, a socket of another type (datagram, seqpacket), or a path
+    /// another process keeps replacing. Nothing was removed. (A process that
+    /// *listens* there is [`AlreadyRunning`](Self::AlreadyRunning): it serves
+    /// on the path without holding the claim, as an older version of the
+    /// daemon would.)
+    #[error("socket path {path} is in use by someone else: {reason}; left it untouched")]
+    SocketInUse {
+        /// The socket path.
+        path: PathBuf,
+        /// What was found there.
+        reason: String,
+    },
+
     /// Installing the SIGTERM/SIGINT handling failed. The message ends with
     /// the OS error.
     #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
@@ -134,6 +150,21 @@ pub enum LifecycleError {
 
 impl LifecycleError {
     /// The path this error is about, where it has one.
+    ///
+    /// Every variant that concerns one file answers: [`Io`](Self::Io) made by
+    /// this crate (the path its message names), [`PidFile`](Self::PidFile)
+    /// (read back from the message this crate wrote; lossy for a path that is
+    /// not UTF-8, and `None` for a message built elsewhere),
+    /// [`UnexpectedFileType`](Self::UnexpectedFileType),
+    /// [`PathTooLong`](Self::PathTooLong), [`InsecureDir`](Self::InsecureDir),
+    /// [`HolderUnknown`](Self::HolderUnknown) and
+    /// [`SocketInUse`](Self::SocketInUse). The others answer `None`:
+    /// [`AlreadyRunning`](Self::AlreadyRunning),
+    /// [`StaleSocketCleaned`](Self::StaleSocketCleaned) and
+    /// [`Signals`](Self::Signals) are about no path, and
+    /// [`InvalidArgument`](Self::InvalidArgument) is about the values passed
+    /// in (its message quotes them, two paths when both name one file), not
+    /// about a file found on disk.
     ///
     /// ```
     /// use historia_lifecycle::read_pid_file;
@@ -150,11 +181,16 @@ impl LifecycleError {
                 .get_ref()
                 .and_then(|inner| inner.downcast_ref::<PathError>())
                 .map(|p| p.path.as_path()),
+            LifecycleError::PidFile(message) => pid_file_path(message),
             LifecycleError::UnexpectedFileType { path, .. }
             | LifecycleError::HolderUnknown { path }
             | LifecycleError::PathTooLong { path, .. }
-            | LifecycleError::InsecureDir { path, .. } => Some(path),
-            _ => None,
+            | LifecycleError::InsecureDir { path, .. }
+            | LifecycleError::SocketInUse { path, .. } => Some(path),
+            LifecycleError::AlreadyRunning
+            | LifecycleError::StaleSocketCleaned
+            | LifecycleError::InvalidArgument { .. }
+            | LifecycleError::Signals(_) => None,
         }
     }
 }
@@ -261,6 +297,35 @@ impl fmt::Display for PathError {
 /// No source: the OS error is already the end of the message, and a chain
 /// printer would show it twice.
 impl std::error::Error for PathError {}
+
+/// How every [`LifecycleError::PidFile`] message this crate makes begins.
+const PID_FILE_PREFIX: &str = "invalid PID file ";
+
+/// Builds [`LifecycleError::PidFile`]: "invalid PID file <path>: <what>".
+/// `what` never holds ": " (the caller escapes file content), so the last
+/// ": " ends the path, whatever the path holds.
+pub(crate) fn invalid_pid_file(path: &Path, what: &str) -> LifecycleError {
+    debug_assert!(!what.contains(": "), "{what:?}");
+    LifecycleError::PidFile(format!("{PID_FILE_PREFIX}{}: {what}", path.display()))
+}
+
+/// The path in a message made by [`invalid_pid_file`].
+fn pid_file_path(message: &str) -> Option<&Path> {
+    let rest = message.strip_prefix(PID_FILE_PREFIX)?;
+    let end = rest.rfind(": ")?;
+    Some(Path::new(&rest[..end]))
+}
+
+/// The operation named by an error made by [`io_at`] ("connect to socket").
+pub(crate) fn op_of(e: &LifecycleError) -> Option<&'static str> {
+    match e {
+        LifecycleError::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<PathError>())
+            .map(|p| p.op),
+        _ => None,
+    }
+}
 
 /// The OS error number behind `e`, looking through the operation-and-path
 /// wrapper that [`io_at`] puts around it.
@@ -397,6 +462,94 @@ mod tests {
         assert_eq!(signals.raw_os_error(), Some(nix::libc::EINVAL));
         assert!(signals.source().is_none());
         assert_eq!(LifecycleError::AlreadyRunning.raw_os_error(), None);
+    }
+
+    /// Which variant `e` is; exhaustive, so a new variant does not compile
+    /// until the test below has a sample of it.
+    fn variant(e: &LifecycleError) -> usize {
+        match e {
+            LifecycleError::AlreadyRunning => 0,
+            LifecycleError::Io(_) => 1,
+            LifecycleError::StaleSocketCleaned => 2,
+            LifecycleError::PidFile(_) => 3,
+            LifecycleError::UnexpectedFileType { .. } => 4,
+            LifecycleError::PathTooLong { .. } => 5,
+            LifecycleError::InsecureDir { .. } => 6,
+            LifecycleError::InvalidArgument { .. } => 7,
+            LifecycleError::HolderUnknown { .. } => 8,
+            LifecycleError::SocketInUse { .. } => 9,
+            LifecycleError::Signals(_) => 10,
+        }
+    }
+    const VARIANTS: usize = 11;
+
+    #[test]
+    fn path_answers_for_every_variant_that_names_one() {
+        // A path with ": " in it, and PID file content with ": " in it: the
+        // message still gives the path back exactly.
+        let odd = Path::new("/run/a: b/daemon.pid");
+        let what = crate::pidfile::parse_pid(b"x: holds").unwrap_err();
+        let eacces = || io::Error::from_raw_os_error(nix::libc::EACCES);
+        let samples: Vec<(LifecycleError, Option<&Path>)> = vec![
+            (LifecycleError::AlreadyRunning, None),
+            (io_at("open PID file", odd, eacces()), Some(odd)),
+            (LifecycleError::Io(eacces()), None),
+            (LifecycleError::StaleSocketCleaned, None),
+            (invalid_pid_file(odd, &what), Some(odd)),
+            (
+                invalid_pid_file(Path::new("/p"), "is empty"),
+                Some(Path::new("/p")),
+            ),
+            (LifecycleError::PidFile("made by hand".into()), None),
+            (
+                wrong_type(odd, FileKind::Regular, FileKind::Fifo),
+                Some(odd),
+            ),
+            (
+                LifecycleError::PathTooLong {
+                    path: odd.into(),
+                    len: 200,
+                    max: 107,
+                },
+                Some(odd),
+            ),
+            (
+                LifecycleError::InsecureDir {
+                    path: odd.into(),
+                    reason: "mode 0777".into(),
+                },
+                Some(odd),
+            ),
+            (
+                LifecycleError::InvalidArgument {
+                    what: "paths",
+                    reason: "the socket /a and the PID file /b are the same file".into(),
+                },
+                None,
+            ),
+            (
+                LifecycleError::HolderUnknown { path: odd.into() },
+                Some(odd),
+            ),
+            (
+                LifecycleError::SocketInUse {
+                    path: odd.into(),
+                    reason: "a socket of another type".into(),
+                },
+                Some(odd),
+            ),
+            (LifecycleError::Signals(eacces()), None),
+        ];
+        let mut seen = [false; VARIANTS];
+        for (e, want) in &samples {
+            seen[variant(e)] = true;
+            assert_eq!(e.path(), *want, "{e:?}");
+            if let Some(p) = want {
+                let m = e.to_string();
+                assert!(m.contains(&p.display().to_string()), "{m}");
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "a variant has no sample: {seen:?}");
     }
 
     #[test]

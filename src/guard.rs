@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::activation::{activated_listener, Activation};
 use crate::cleanup::absolute;
 use crate::error::Result;
-use crate::listener::{bind_claimed, same_file_or, same_path_error, BindSpec};
+use crate::listener::{bind_claimed, in_use_or, same_file_or, same_path_error, BindSpec};
 use crate::notify::Notifier;
 use crate::paths::{check_socket_path, parent_dir};
 use crate::pid_guard::{acquire_with, reporting_failure, PidFileGuard};
@@ -139,6 +139,10 @@ impl DaemonGuard {
     ///   the current directory cannot be read.
     /// - [`LifecycleError::Signals`](crate::LifecycleError::Signals) when the signal handling cannot be
     ///   installed.
+    /// - [`LifecycleError::SocketInUse`](crate::LifecycleError::SocketInUse)
+    ///   when something holds the socket path that is neither a listener nor
+    ///   provably stale (another user's socket, a datagram socket); it is
+    ///   left untouched.
     /// - [`LifecycleError::InvalidArgument`](crate::LifecycleError::InvalidArgument) when both paths name the same
     ///   file (also when spelt differently: `./`, `..`, a symlinked
     ///   directory, a hard link to the PID file), or the socket path is
@@ -379,8 +383,12 @@ impl DaemonGuardBuilder {
             self.signals,
             notifier,
             |stale_id| {
-                clear_stale_socket(socket_path)
-                    .map_err(|e| same_file_or(e, socket_path, pid_path, stale_id))
+                clear_stale_socket(socket_path).map_err(|e| {
+                    in_use_or(
+                        same_file_or(e, socket_path, pid_path, stale_id),
+                        socket_path,
+                    )
+                })
             },
             |cleanup, claim| {
                 let (listener, reclaimed) = bind_claimed(spec, pid_path, claim.dev_ino, cleanup)?;

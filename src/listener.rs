@@ -55,7 +55,7 @@ pub(crate) fn bind_claimed(
             }
             Err(Bind::InUse) => {
                 reclaimed |= clear_stale_socket(path)
-                    .map_err(|e| same_file_or(e, path, pid_path, pid_id))?;
+                    .map_err(|e| in_use_or(same_file_or(e, path, pid_path, pid_id), path))?;
             }
             Err(Bind::NoDir) if !created_dir => {
                 ensure_dir(parent_dir(path))?;
@@ -67,11 +67,44 @@ pub(crate) fn bind_claimed(
             Err(Bind::Failed(e)) => return Err(e),
         }
     }
-    Err(io_at(
-        "bind socket",
+    Err(in_use(
         path,
-        io::Error::other("the path kept changing while it was bound"),
+        "another process keeps putting a socket there again while we bind".into(),
     ))
+}
+
+/// Turns what the probe could not settle, after `bind(2)` said
+/// `EADDRINUSE`, into [`LifecycleError::SocketInUse`]: a socket we may not
+/// connect to (another user's), one of another type, a path that keeps
+/// changing. The clear outcomes pass through unchanged: a listener
+/// ([`LifecycleError::AlreadyRunning`]), a non-socket
+/// ([`LifecycleError::UnexpectedFileType`]), failures of our own (a
+/// directory we may not search, no descriptors left).
+pub(crate) fn in_use_or(e: LifecycleError, path: &Path) -> LifecycleError {
+    let reason = match (crate::error::op_of(&e), e.raw_os_error()) {
+        (Some("connect to socket"), Some(nix::libc::EACCES | nix::libc::EPERM)) => {
+            "a socket there refuses us permission to connect (another user's, or a mode \
+             that shuts us out)"
+                .to_string()
+        }
+        (Some("connect to socket"), Some(nix::libc::EPROTOTYPE)) => {
+            "a socket of another type (datagram or seqpacket) is bound there".to_string()
+        }
+        (Some("connect to socket"), Some(n)) => format!(
+            "connect(2) to the socket there failed: {}",
+            io::Error::from_raw_os_error(n)
+        ),
+        (Some("probe socket"), _) => "another process keeps replacing it".to_string(),
+        _ => return e,
+    };
+    in_use(path, reason)
+}
+
+fn in_use(path: &Path, reason: String) -> LifecycleError {
+    LifecycleError::SocketInUse {
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 /// Turns "a regular file is at the socket path" into the clearer

@@ -350,6 +350,7 @@ fn errno_of(e: &LifecycleError) -> i32 {
             crate::error::os_errno(io).unwrap_or(libc::EIO)
         }
         LifecycleError::PathTooLong { .. } => libc::ENAMETOOLONG,
+        LifecycleError::SocketInUse { .. } => libc::EADDRINUSE,
         LifecycleError::UnexpectedFileType {
             expected, found, ..
         } => match (expected, found) {

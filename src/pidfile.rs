@@ -9,7 +9,7 @@ use std::path::Path;
 use nix::libc;
 use tempfile::NamedTempFile;
 
-use crate::error::{io_at, wrong_type, FileKind, LifecycleError, Result};
+use crate::error::{invalid_pid_file, io_at, wrong_type, FileKind, LifecycleError, Result};
 use crate::paths::{dev_ino, ensure_dir, lstat_opt, parent_dir, remove_if_same};
 
 /// Mode of every PID file this crate writes: readable by all (tools such as
@@ -470,9 +470,7 @@ fn parse_file(file: &mut File, pid_path: &Path) -> Result<u32> {
     file.take(MAX_PID_FILE_LEN + 1)
         .read_to_end(&mut buf)
         .map_err(|e| io_at("read PID file", pid_path, e))?;
-    parse_pid(&buf).map_err(|what| {
-        LifecycleError::PidFile(format!("invalid PID file {}: {what}", pid_path.display()))
-    })
+    parse_pid(&buf).map_err(|what| invalid_pid_file(pid_path, &what))
 }
 
 /// Parses PID file content: one decimal number in `1..=i32::MAX`, optionally
@@ -491,17 +489,20 @@ pub(crate) fn parse_pid(bytes: &[u8]) -> std::result::Result<u32, String> {
     if t.is_empty() {
         return Err("is empty".into());
     }
+    // The content is shown quoted, with ':' escaped too, so a message never
+    // holds ": " but the one after the path (see `invalid_pid_file`).
+    let shown = format!("\"{}\"", t.escape_debug()).replace(':', "\\u{3a}");
     if t.contains(|c: char| c.is_ascii_whitespace()) {
-        return Err(format!("holds more than one value: {t:?}"));
+        return Err(format!("holds more than one value, {shown}"));
     }
     if t.starts_with('-') {
-        return Err(format!("holds a negative number {t:?}"));
+        return Err(format!("holds a negative number {shown}"));
     }
     if t.starts_with("0x") || t.starts_with("0X") {
-        return Err(format!("holds hexadecimal {t:?}; expected a decimal PID"));
+        return Err(format!("holds hexadecimal {shown}; expected a decimal PID"));
     }
     if !t.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("holds {t:?}; expected one decimal PID"));
+        return Err(format!("holds {shown}; expected one decimal PID"));
     }
     let max = i32::MAX as u32;
     let beyond = || {
