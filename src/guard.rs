@@ -114,6 +114,7 @@ pub struct DaemonGuardBuilder {
     socket_path: PathBuf,
     pid_path: PathBuf,
     socket_mode: u32,
+    pid_mode: u32,
     backlog: i32,
     signals: SignalMode,
     activation: Activation,
@@ -162,6 +163,7 @@ impl DaemonGuard {
             socket_path: socket_path.as_ref().to_path_buf(),
             pid_path: pid_path.as_ref().to_path_buf(),
             socket_mode: DEFAULT_SOCKET_MODE,
+            pid_mode: crate::PID_FILE_MODE,
             backlog: DEFAULT_BACKLOG,
             signals: SignalMode::Exit,
             activation: Activation::Auto,
@@ -307,6 +309,15 @@ impl DaemonGuardBuilder {
         self
     }
 
+    /// Mode of the PID file; default [`PID_FILE_MODE`](crate::PID_FILE_MODE)
+    /// (0644). `0o600` keeps other users from opening it, and so from
+    /// holding a lock on it that blocks a restart: see
+    /// [`PidFileGuardBuilder::pid_file_mode`](crate::PidFileGuardBuilder::pid_file_mode).
+    pub fn pid_file_mode(mut self, mode: u32) -> Self {
+        self.pid_mode = mode & 0o777;
+        self
+    }
+
     /// `listen(2)` backlog; default [`DEFAULT_BACKLOG`] (128). A negative value,
     /// or one above the system's `SOMAXCONN`, means `SOMAXCONN`.
     pub fn backlog(mut self, backlog: i32) -> Self {
@@ -355,6 +366,7 @@ impl DaemonGuardBuilder {
         if let Some(listener) = self.adopt()? {
             let (inner, ()) = acquire_with(
                 pid_path,
+                self.pid_mode,
                 self.signals,
                 notifier,
                 |_| Ok(false),
@@ -380,6 +392,7 @@ impl DaemonGuardBuilder {
         // nothing of theirs. Then, under our own claim, bind.
         let (inner, (listener, reclaimed_socket)) = acquire_with(
             pid_path,
+            self.pid_mode,
             self.signals,
             notifier,
             |stale_id| {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::cleanup::{absolute, Cleanup};
 use crate::error::{FileKind, LifecycleError, Result};
 use crate::notify::{Message, Notifier};
-use crate::pidfile::{claim, Claim};
+use crate::pidfile::{claim, Claim, PID_FILE_MODE};
 use crate::shutdown::Shutdown;
 use crate::signals::{register, Registration, SignalMode};
 
@@ -80,6 +80,7 @@ pub struct PidFileGuard {
 #[must_use = "call .acquire() to take the claim"]
 pub struct PidFileGuardBuilder {
     pid_path: PathBuf,
+    pid_mode: u32,
     signals: SignalMode,
 }
 
@@ -113,6 +114,7 @@ impl PidFileGuard {
     pub fn builder(pid_path: impl AsRef<Path>) -> PidFileGuardBuilder {
         PidFileGuardBuilder {
             pid_path: pid_path.as_ref().to_path_buf(),
+            pid_mode: PID_FILE_MODE,
             signals: SignalMode::Exit,
         }
     }
@@ -249,6 +251,34 @@ impl PidFileGuardBuilder {
         self
     }
 
+    /// Mode of the PID file the guard creates (permission bits only); default
+    /// [`PID_FILE_MODE`] (0644), set exactly whatever the umask, before the
+    /// file has its name.
+    ///
+    /// # A local user can block a restart
+    /// A flock needs only an open descriptor, and a 0644 file can be opened
+    /// by anyone who can reach its directory. Another user may open the PID
+    /// file while the daemon runs and wait in `flock -s` on it: when the
+    /// daemon is SIGKILLed (no cleanup, the file stays) that user gets the
+    /// shared lock, and every restart is refused with
+    /// [`LifecycleError::AlreadyRunning`] for as long as they hold it. (A
+    /// clean stop unlinks the file first, so a lock on it blocks nothing.)
+    /// The remedy is a directory nobody else can enter, as
+    /// [`runtime_dir`](crate::runtime_dir) makes (0700); where the
+    /// directory must be shared (`/run` for a system daemon), use
+    /// `.pid_file_mode(0o600)`: others cannot open the file (`EACCES`), so
+    /// they cannot lock it. Tools that read the PID (`start-stop-daemon`,
+    /// systemd's `PIDFile=`) then need to run as the owner or root.
+    ///
+    /// The mode applies to the file this guard creates; a stale file left by
+    /// an older setting is replaced by it.
+    ///
+    /// [`LifecycleError::AlreadyRunning`]: crate::LifecycleError::AlreadyRunning
+    pub fn pid_file_mode(mut self, mode: u32) -> Self {
+        self.pid_mode = mode & 0o777;
+        self
+    }
+
     /// Takes the claim and installs the signal handling.
     ///
     /// # Errors
@@ -258,6 +288,7 @@ impl PidFileGuardBuilder {
         reporting_failure(|notifier| {
             let (guard, ()) = acquire_with(
                 &self.pid_path,
+                self.pid_mode,
                 self.signals,
                 notifier,
                 |_| Ok(false),
@@ -276,6 +307,7 @@ impl PidFileGuardBuilder {
 /// every file listed so far is removed again before the error returns.
 pub(crate) fn acquire_with<T>(
     pid_path: &Path,
+    pid_mode: u32,
     signals: SignalMode,
     notifier: Option<Notifier>,
     under_stale: impl FnMut((u64, u64)) -> Result<bool>,
@@ -283,7 +315,7 @@ pub(crate) fn acquire_with<T>(
 ) -> Result<(PidFileGuard, T)> {
     let pid = std::process::id();
     let abs_pid = absolute(pid_path, "resolve PID file path")?;
-    let claim = claim(pid_path, pid, under_stale)?;
+    let claim = claim(pid_path, pid, pid_mode, under_stale)?;
     let mut cleanup = Cleanup::new(pid);
     cleanup.push(abs_pid, claim.dev_ino, "remove PID file");
     // Until the guard exists, undo what we placed if a later step fails or

@@ -12,8 +12,11 @@ use tempfile::NamedTempFile;
 use crate::error::{invalid_pid_file, io_at, wrong_type, FileKind, LifecycleError, Result};
 use crate::paths::{dev_ino, ensure_dir, lstat_opt, parent_dir, remove_if_same};
 
-/// Mode of every PID file this crate writes: readable by all (tools such as
-/// `start-stop-daemon` read it), writable by the owner only.
+/// Mode of the PID files this crate writes: readable by all (tools such as
+/// `start-stop-daemon` read it), writable by the owner only. The guards take
+/// another with `pid_file_mode` (0600 keeps other users from locking it, see
+/// [`PidFileGuardBuilder::pid_file_mode`](crate::PidFileGuardBuilder::pid_file_mode));
+/// [`write_pid_file`] always uses this one.
 pub const PID_FILE_MODE: u32 = 0o644;
 
 /// A PID file holds one number; anything longer than this is not one.
@@ -218,8 +221,8 @@ pub(crate) struct Claim {
 /// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but
 /// never showing a torn or empty file.
 ///
-/// 1. A fresh file gets the PID (digits only, as [`write_pid_file`]), mode
-///    0644 and an exclusive flock before it has a name (Linux `O_TMPFILE`;
+/// 1. A fresh file gets the PID (digits only, as [`write_pid_file`]), `mode`
+///    (0644 unless the guard was told otherwise) and an exclusive flock before it has a name (Linux `O_TMPFILE`;
 ///    elsewhere a named temp file beside the PID file). A missing directory is created then (0700, as
 ///    [`ensure_dir`]), not looked for first.
 /// 2. It is linked in with no-replace semantics. If that works, nobody else
@@ -243,6 +246,7 @@ pub(crate) struct Claim {
 pub(crate) fn claim(
     pid_path: &Path,
     pid: u32,
+    mode: u32,
     mut under_stale: impl FnMut((u64, u64)) -> Result<bool>,
 ) -> Result<Claim> {
     // No "is someone there?" look before creating our file: when dozens of
@@ -263,12 +267,14 @@ pub(crate) fn claim(
         .file()
         .metadata()
         .map_err(|e| io_at("examine new PID file", pid_path, e))?;
-    // Exact mode, whatever the umask did to the creation mode: tools must be
-    // able to read the PID, and nobody else may write it.
-    if meta.permissions().mode() & 0o7777 != PID_FILE_MODE {
+    // Exact mode, whatever the umask did to the creation mode, set before
+    // the file has its name: tools must be able to read the PID (0644), or
+    // only the owner may open it at all (0600, see the guards'
+    // `pid_file_mode`), and nobody else may write it.
+    if meta.permissions().mode() & 0o7777 != mode {
         fresh
             .file()
-            .set_permissions(std::fs::Permissions::from_mode(PID_FILE_MODE))
+            .set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| io_at("set mode of new PID file", pid_path, e))?;
     }
     let ours = (meta.dev(), meta.ino());
