@@ -118,6 +118,7 @@
 #![warn(rust_2018_idioms, unreachable_pub)]
 
 mod activation;
+mod chmod;
 mod cleanup;
 mod control;
 mod error;

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -170,8 +170,19 @@ fn bind_socket(
         Err(Errno::ENOENT) => return Err(Bind::NoDir),
         Err(e) => return Err(failed("bind socket", e)),
     }
-    let undo = scopeguard::guard((), |()| {
-        let _ = std::fs::remove_file(path);
+    // On a failure below, remove what we bound: by device and inode once
+    // they are known; before that, only a socket (the best proof there is).
+    let mut undo = scopeguard::guard(None::<(u64, u64)>, |id| {
+        let id = id.or_else(|| {
+            crate::paths::lstat_opt(path)
+                .ok()
+                .flatten()
+                .filter(|m| m.file_type().is_socket())
+                .map(|m| (m.dev(), m.ino()))
+        });
+        if let Some(id) = id {
+            let _ = crate::paths::remove_if_same(path, id, "remove socket");
+        }
     });
     // Listen at once: a bound socket that does not listen yet refuses
     // connections, and would look stale to a prober for that moment.
@@ -179,15 +190,22 @@ fn bind_socket(
     listen(&fd, backlog).map_err(|e| failed("listen on socket", e))?;
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| Bind::Failed(io_at("examine socket", path, e)))?;
-    if meta.mode() & 0o777 != mode {
-        nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
+    if !meta.file_type().is_socket() {
+        // Swapped between bind and here by someone who may write the dir:
+        // not ours, so the undo leaves it alone.
+        return Err(Bind::Failed(crate::error::wrong_type(
             path,
-            mode_t,
-            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
-        )
-        .map_err(|e| failed("set mode of socket", e))?;
+            FileKind::Socket,
+            FileKind::of(meta.file_type()),
+        )));
+    }
+    let id = (meta.dev(), meta.ino());
+    *undo = Some(id);
+    if meta.mode() & 0o777 != mode {
+        // fchmodat(AT_SYMLINK_NOFOLLOW), or on glibc < 2.32 (ENOTSUP) the
+        // same through an O_PATH descriptor checked to be this socket.
+        crate::chmod::set_socket_mode(path, id, mode).map_err(Bind::Failed)?;
     }
     scopeguard::ScopeGuard::into_inner(undo);
-    Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))
+    Ok((UnixListener::from(fd), id))
 }
