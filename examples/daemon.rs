@@ -26,7 +26,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use historia_lifecycle::{running_pid, DaemonGuard, LifecycleError, Shutdown, SignalMode};
+use historia_lifecycle::{
+    probe_socket, running_pid, DaemonGuard, LifecycleError, Shutdown, SignalMode, SocketState,
+};
 use nix::libc;
 
 #[path = "shared/cli.rs"]
@@ -187,33 +189,90 @@ fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<dyn Err
     Ok(code)
 }
 
-/// Tells the user who holds the claim. `running_pid` asks the kernel which
-/// process holds the PID file's lock, so it cannot name a dead or recycled PID
-/// the way the file's text could.
+/// Tells the user what stopped the start, as found: who holds the PID file's
+/// lock (`running_pid` asks the kernel, so it cannot name a dead or recycled
+/// PID the way the file's text could) and what is at the socket path. The
+/// lock may be held by another tool (`flock(1)`, a libbsd `pidfile_open`
+/// program) with no socket at all, and that is what the message must say.
 fn refuse_second_instance(socket_path: &Path, pid_path: &Path) {
-    let who = match running_pid(pid_path) {
-        Ok(Some(pid)) => format!("pid {pid}"),
-        // The holder exited between our attempt and this look, or a program
-        // listens on the socket without holding the PID file.
-        Ok(None) => "pid unknown".to_owned(),
-        Err(e) => format!("pid unknown: {e}"),
+    let (sock, pid) = (socket_path.display(), pid_path.display());
+    let at_socket = probe_socket(socket_path);
+    let message = match running_pid(pid_path) {
+        Ok(Some(n)) => match at_socket {
+            Ok(s) if s.is_live() => {
+                format!("already running as {} on socket {sock}", process(n))
+            }
+            Ok(SocketState::Absent) => format!(
+                "the PID file {pid} is locked by {} (no socket at {sock})",
+                process(n)
+            ),
+            Ok(_) => format!(
+                "the PID file {pid} is locked by {}, which does not listen on {sock}",
+                process(n)
+            ),
+            Err(e) => format!(
+                "the PID file {pid} is locked by {}; the socket cannot be checked: {e}",
+                process(n)
+            ),
+        },
+        Err(e @ LifecycleError::HolderUnknown { .. }) => {
+            format!("{e}; {}", socket_fact(&at_socket, socket_path))
+        }
+        // Nobody holds the lock now: a program serves on the socket without
+        // it, or the holder exited between our attempt and this look.
+        Ok(None) => match at_socket {
+            Ok(s) if s.is_live() => format!(
+                "a process listens on {sock} but none holds the lock on {pid} \
+                 (a daemon that does not use it)"
+            ),
+            _ => format!("the process that held the lock on {pid} has just exited; try again"),
+        },
+        Err(e) => format!(
+            "cannot tell who holds the lock on {pid}: {e}; {}",
+            socket_fact(&at_socket, socket_path)
+        ),
     };
-    warn!(
-        "daemon: already running ({who}) on socket {}; not starting a second instance",
-        socket_path.display()
-    );
+    warn!("daemon: {message}; not starting a second instance");
 }
 
-/// One line saying whether a crashed instance's files were taken over.
-fn reclaim_note(guard: &DaemonGuard) -> &'static str {
-    match (
-        guard.reclaimed_stale_socket(),
-        guard.reclaimed_stale_pid_file(),
-    ) {
-        (true, true) => "reclaimed stale socket and stale PID file left by a dead instance",
-        (true, false) => "reclaimed stale socket left by a dead instance",
-        (false, true) => "reclaimed stale PID file left by a dead instance",
-        (false, false) => "no stale files to reclaim",
+/// "pid N (name)", the name from `/proc/N/comm` where there is one.
+fn process(pid: u32) -> String {
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(name) => format!("pid {pid} ({})", name.trim_end()),
+        Err(_) => format!("pid {pid}"),
+    }
+}
+
+/// What the probe found at the socket path, for a message.
+fn socket_fact(found: &Result<SocketState, LifecycleError>, socket_path: &Path) -> String {
+    let sock = socket_path.display();
+    match found {
+        Ok(SocketState::Absent) => format!("no socket at {sock}"),
+        Ok(s) if s.is_live() => format!("a process listens on {sock}"),
+        Ok(_) => format!("nobody listens on the socket {sock}"),
+        Err(e) => format!("the socket cannot be checked: {e}"),
+    }
+}
+
+/// One line saying which leftovers acquiring took over, and what they were:
+/// an unlocked PID file that names no process is not a dead instance's.
+fn reclaim_note(guard: &DaemonGuard) -> String {
+    let mut found = Vec::new();
+    if guard.reclaimed_stale_socket() {
+        found.push("a stale socket (nobody listened on it)".to_owned());
+    }
+    if guard.reclaimed_stale_pid_file() {
+        found.push(match guard.replaced_pid() {
+            Some(n) => format!("a stale PID file naming pid {n}, which no longer held its lock"),
+            None => "an unlocked PID file that named no process (empty or not a PID, \
+                     as flock(1) leaves one)"
+                .to_owned(),
+        });
+    }
+    if found.is_empty() {
+        "no stale files to reclaim".to_owned()
+    } else {
+        format!("reclaimed {}", found.join(" and "))
     }
 }
 

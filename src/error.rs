@@ -29,9 +29,18 @@ pub type Result<T, E = LifecycleError> = std::result::Result<T, E>;
 /// assert_eq!(exit_code(&LifecycleError::AlreadyRunning), 3);
 /// ```
 ///
-/// Messages are lowercase; a message about a path names the path and the
-/// operation, and leaves the OS error to [`std::error::Error::source`]; print
-/// the chain (for example with `anyhow`'s `{:#}`) to see both.
+/// Messages are lowercase; a message about a path names the operation, the
+/// path and what the OS said, on one line, as tempfile's path errors do:
+///
+/// ```text
+/// cannot create PID file /run/app/daemon.pid: Permission denied (os error 13)
+/// ```
+///
+/// so `eprintln!("{e}")` says everything. The OS error is in the text, so it
+/// is not repeated as the [`source`](std::error::Error::source): a chain
+/// printer (`anyhow`'s `{:#}`, a loop over `source()`) shows each fact once.
+/// Its kind stays on the [`io::Error`] ([`io::Error::kind`]) and its number is
+/// [`LifecycleError::raw_os_error`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LifecycleError {
@@ -44,9 +53,9 @@ pub enum LifecycleError {
 
     /// A system call on a path failed.
     ///
-    /// Errors made by this crate carry the operation and the path in their
-    /// message while keeping the OS error's [`io::ErrorKind`]; the raw OS
-    /// error is the [`source`](std::error::Error::source).
+    /// Errors made by this crate carry the operation, the path and the OS
+    /// error in their message while keeping the OS error's
+    /// [`io::ErrorKind`]; [`LifecycleError::raw_os_error`] gives its number.
     #[error(transparent)]
     Io(#[from] io::Error),
 
@@ -117,9 +126,26 @@ pub enum LifecycleError {
         path: PathBuf,
     },
 
-    /// Installing the SIGTERM/SIGINT handling failed.
-    #[error("cannot install the SIGTERM/SIGINT handlers")]
-    Signals(#[source] io::Error),
+    /// The socket path is taken by something that is not ours and not
+    /// provably stale, found when `bind(2)` answered `EADDRINUSE` under the
+    /// claim: a socket of another user that refuses us permission to
+    /// connect, a socket of another type (datagram, seqpacket), or a path
+    /// another process keeps replacing. Nothing was removed. (A process that
+    /// *listens* there is [`AlreadyRunning`](Self::AlreadyRunning): it serves
+    /// on the path without holding the claim, as an older version of the
+    /// daemon would.)
+    #[error("socket path {path} is in use by someone else: {reason}; left it untouched")]
+    SocketInUse {
+        /// The socket path.
+        path: PathBuf,
+        /// What was found there.
+        reason: String,
+    },
+
+    /// Installing the SIGTERM/SIGINT handling failed. The message ends with
+    /// the OS error.
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signals(io::Error),
 
     /// A daemon that [`ensure_running`](crate::ensure_running) started
     /// reported that it cannot start, with its own reason (`failed: <kind>
@@ -182,6 +208,21 @@ fn pid_text(pid: Option<u32>) -> String {
 impl LifecycleError {
     /// The path this error is about, where it has one.
     ///
+    /// Every variant that concerns one file answers: [`Io`](Self::Io) made by
+    /// this crate (the path its message names), [`PidFile`](Self::PidFile)
+    /// (read back from the message this crate wrote; lossy for a path that is
+    /// not UTF-8, and `None` for a message built elsewhere),
+    /// [`UnexpectedFileType`](Self::UnexpectedFileType),
+    /// [`PathTooLong`](Self::PathTooLong), [`InsecureDir`](Self::InsecureDir),
+    /// [`HolderUnknown`](Self::HolderUnknown) and
+    /// [`SocketInUse`](Self::SocketInUse). The others answer `None`:
+    /// [`AlreadyRunning`](Self::AlreadyRunning),
+    /// [`StaleSocketCleaned`](Self::StaleSocketCleaned) and
+    /// [`Signals`](Self::Signals) are about no path, and
+    /// [`InvalidArgument`](Self::InvalidArgument) is about the values passed
+    /// in (its message quotes them, two paths when both name one file), not
+    /// about a file found on disk.
+    ///
     /// ```
     /// use historia_lifecycle::read_pid_file;
     /// let dir = tempfile::tempdir()?;
@@ -197,13 +238,40 @@ impl LifecycleError {
                 .get_ref()
                 .and_then(|inner| inner.downcast_ref::<PathError>())
                 .map(|p| p.path.as_path()),
+            LifecycleError::PidFile(message) => pid_file_path(message),
             LifecycleError::UnexpectedFileType { path, .. }
             | LifecycleError::HolderUnknown { path }
             | LifecycleError::PathTooLong { path, .. }
             | LifecycleError::InsecureDir { path, .. }
-            | LifecycleError::Timeout { path, .. } => Some(path),
+            | LifecycleError::Timeout { path, .. }
+            | LifecycleError::SocketInUse { path, .. } => Some(path),
             LifecycleError::StartFailed { socket, .. }
             | LifecycleError::DaemonExited { socket, .. } => Some(socket),
+            LifecycleError::AlreadyRunning
+            | LifecycleError::StaleSocketCleaned
+            | LifecycleError::InvalidArgument { .. }
+            | LifecycleError::Signals(_) => None,
+        }
+    }
+}
+
+impl LifecycleError {
+    /// The OS error number (`errno`) behind this error, if one is: for
+    /// [`Io`](Self::Io) (also through the operation-and-path wrapper whose
+    /// message already shows it) and [`Signals`](Self::Signals).
+    ///
+    /// ```
+    /// use historia_lifecycle::read_pid_file;
+    /// let dir = tempfile::tempdir()?;
+    /// std::fs::write(dir.path().join("a-file"), b"")?;
+    /// let err = read_pid_file(&dir.path().join("a-file/daemon.pid")).unwrap_err();
+    /// assert_eq!(err.raw_os_error(), Some(20)); // ENOTDIR
+    /// assert!(err.to_string().ends_with("Not a directory (os error 20)"), "{err}");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            LifecycleError::Io(e) | LifecycleError::Signals(e) => os_errno(e),
             _ => None,
         }
     }
@@ -276,13 +344,46 @@ struct PathError {
 
 impl fmt::Display for PathError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot {} {}", self.op, self.path.display())
+        write!(
+            f,
+            "cannot {} {}: {}",
+            self.op,
+            self.path.display(),
+            self.source
+        )
     }
 }
 
-impl std::error::Error for PathError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
+/// No source: the OS error is already the end of the message, and a chain
+/// printer would show it twice.
+impl std::error::Error for PathError {}
+
+/// How every [`LifecycleError::PidFile`] message this crate makes begins.
+const PID_FILE_PREFIX: &str = "invalid PID file ";
+
+/// Builds [`LifecycleError::PidFile`]: "invalid PID file <path>: <what>".
+/// `what` never holds ": " (the caller escapes file content), so the last
+/// ": " ends the path, whatever the path holds.
+pub(crate) fn invalid_pid_file(path: &Path, what: &str) -> LifecycleError {
+    debug_assert!(!what.contains(": "), "{what:?}");
+    LifecycleError::PidFile(format!("{PID_FILE_PREFIX}{}: {what}", path.display()))
+}
+
+/// The path in a message made by [`invalid_pid_file`].
+fn pid_file_path(message: &str) -> Option<&Path> {
+    let rest = message.strip_prefix(PID_FILE_PREFIX)?;
+    let end = rest.rfind(": ")?;
+    Some(Path::new(&rest[..end]))
+}
+
+/// The operation named by an error made by [`io_at`] ("connect to socket").
+pub(crate) fn op_of(e: &LifecycleError) -> Option<&'static str> {
+    match e {
+        LifecycleError::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<PathError>())
+            .map(|p| p.op),
+        _ => None,
     }
 }
 
@@ -345,21 +446,199 @@ mod tests {
     use super::*;
     use std::error::Error as _;
 
+    /// What a chain printer (the examples' `report`, `anyhow`'s `{:#}`)
+    /// shows: the error, then each source.
+    fn chain(e: &dyn std::error::Error) -> Vec<String> {
+        let mut lines = vec![e.to_string()];
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            lines.push(c.to_string());
+            cause = c.source();
+        }
+        lines
+    }
+
     #[test]
-    fn io_errors_name_operation_and_path_and_keep_kind_and_source() {
+    fn io_errors_name_operation_path_and_os_error_once_and_keep_the_kind() {
         let e = io_at(
-            "open PID file",
+            "create PID file",
             Path::new("/run/x.pid"),
             io::Error::from_raw_os_error(nix::libc::EACCES),
         );
-        assert_eq!(e.to_string(), "cannot open PID file /run/x.pid");
+        assert_eq!(
+            e.to_string(),
+            "cannot create PID file /run/x.pid: Permission denied (os error 13)"
+        );
         let LifecycleError::Io(inner) = &e else {
             panic!("expected Io, got {e:?}")
         };
         assert_eq!(inner.kind(), io::ErrorKind::PermissionDenied);
-        let src = e.source().expect("the OS error is the source");
-        assert!(src.to_string().contains("ermission denied"), "{src}");
+        assert_eq!(e.raw_os_error(), Some(nix::libc::EACCES));
+        assert_eq!(os_errno(inner), Some(nix::libc::EACCES));
         assert_eq!(e.path(), Some(Path::new("/run/x.pid")));
+        // The cause is in the text, so no chain printer repeats it.
+        assert!(e.source().is_none(), "{:?}", e.source());
+        assert_eq!(chain(&e), [e.to_string()]);
+        assert_eq!(one_line(&e), e.to_string());
+    }
+
+    #[test]
+    fn a_wrapped_error_shows_each_fact_once() {
+        /// As the examples' `context("cannot start", e)`.
+        #[derive(Debug)]
+        struct Context(LifecycleError);
+        impl fmt::Display for Context {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("cannot start")
+            }
+        }
+        impl std::error::Error for Context {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let path = Path::new("/run/app/daemon.pid");
+        for e in [
+            io_at(
+                "create PID file",
+                path,
+                io::Error::from_raw_os_error(nix::libc::EACCES),
+            ),
+            errno_at("bind socket", path, nix::errno::Errno::EROFS),
+            LifecycleError::Signals(io::Error::from_raw_os_error(nix::libc::EINVAL)),
+        ] {
+            let lines = chain(&Context(e));
+            let all = lines.join("\n");
+            assert_eq!(lines.len(), 2, "{all}");
+            for fact in ["os error", "cannot start"] {
+                assert_eq!(all.matches(fact).count(), 1, "{fact:?} in {all}");
+            }
+        }
+        let signals = LifecycleError::Signals(io::Error::from_raw_os_error(nix::libc::EINVAL));
+        assert_eq!(
+            signals.to_string(),
+            "cannot install the SIGTERM/SIGINT handlers: Invalid argument (os error 22)"
+        );
+        assert_eq!(signals.raw_os_error(), Some(nix::libc::EINVAL));
+        assert!(signals.source().is_none());
+        assert_eq!(LifecycleError::AlreadyRunning.raw_os_error(), None);
+    }
+
+    /// Which variant `e` is; exhaustive, so a new variant does not compile
+    /// until the test below has a sample of it.
+    fn variant(e: &LifecycleError) -> usize {
+        match e {
+            LifecycleError::AlreadyRunning => 0,
+            LifecycleError::Io(_) => 1,
+            LifecycleError::StaleSocketCleaned => 2,
+            LifecycleError::PidFile(_) => 3,
+            LifecycleError::UnexpectedFileType { .. } => 4,
+            LifecycleError::PathTooLong { .. } => 5,
+            LifecycleError::InsecureDir { .. } => 6,
+            LifecycleError::InvalidArgument { .. } => 7,
+            LifecycleError::HolderUnknown { .. } => 8,
+            LifecycleError::SocketInUse { .. } => 9,
+            LifecycleError::Signals(_) => 10,
+            LifecycleError::StartFailed { .. } => 11,
+            LifecycleError::DaemonExited { .. } => 12,
+            LifecycleError::Timeout { .. } => 13,
+        }
+    }
+    const VARIANTS: usize = 14;
+
+    #[test]
+    fn path_answers_for_every_variant_that_names_one() {
+        // A path with ": " in it, and PID file content with ": " in it: the
+        // message still gives the path back exactly.
+        let odd = Path::new("/run/a: b/daemon.pid");
+        let what = crate::pidfile::parse_pid(b"x: holds").unwrap_err();
+        let eacces = || io::Error::from_raw_os_error(nix::libc::EACCES);
+        let samples: Vec<(LifecycleError, Option<&Path>)> = vec![
+            (LifecycleError::AlreadyRunning, None),
+            (io_at("open PID file", odd, eacces()), Some(odd)),
+            (LifecycleError::Io(eacces()), None),
+            (LifecycleError::StaleSocketCleaned, None),
+            (invalid_pid_file(odd, &what), Some(odd)),
+            (
+                invalid_pid_file(Path::new("/p"), "is empty"),
+                Some(Path::new("/p")),
+            ),
+            (LifecycleError::PidFile("made by hand".into()), None),
+            (
+                wrong_type(odd, FileKind::Regular, FileKind::Fifo),
+                Some(odd),
+            ),
+            (
+                LifecycleError::PathTooLong {
+                    path: odd.into(),
+                    len: 200,
+                    max: 107,
+                },
+                Some(odd),
+            ),
+            (
+                LifecycleError::InsecureDir {
+                    path: odd.into(),
+                    reason: "mode 0777".into(),
+                },
+                Some(odd),
+            ),
+            (
+                LifecycleError::InvalidArgument {
+                    what: "paths",
+                    reason: "the socket /a and the PID file /b are the same file".into(),
+                },
+                None,
+            ),
+            (
+                LifecycleError::HolderUnknown { path: odd.into() },
+                Some(odd),
+            ),
+            (
+                LifecycleError::SocketInUse {
+                    path: odd.into(),
+                    reason: "a socket of another type".into(),
+                },
+                Some(odd),
+            ),
+            (LifecycleError::Signals(eacces()), None),
+            (
+                LifecycleError::StartFailed {
+                    socket: odd.into(),
+                    pid: 7,
+                    reason: "io cannot bind".into(),
+                },
+                Some(odd),
+            ),
+            (
+                LifecycleError::DaemonExited {
+                    socket: odd.into(),
+                    pid: 7,
+                    status: "exited with status 1".into(),
+                    output: String::new(),
+                },
+                Some(odd),
+            ),
+            (
+                LifecycleError::Timeout {
+                    what: "daemon start",
+                    path: odd.into(),
+                    pid: Some(7),
+                    waited: std::time::Duration::from_secs(5),
+                },
+                Some(odd),
+            ),
+        ];
+        let mut seen = [false; VARIANTS];
+        for (e, want) in &samples {
+            seen[variant(e)] = true;
+            assert_eq!(e.path(), *want, "{e:?}");
+            if let Some(p) = want {
+                let m = e.to_string();
+                assert!(m.contains(&p.display().to_string()), "{m}");
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "a variant has no sample: {seen:?}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::activation::{activated_listener, Activation};
 use crate::cleanup::absolute;
 use crate::error::Result;
-use crate::listener::{bind_claimed, same_file_or, same_path_error, BindSpec};
+use crate::listener::{bind_claimed, in_use_or, same_file_or, same_path_error, BindSpec};
 use crate::notify::Notifier;
 use crate::paths::{check_socket_path, parent_dir};
 use crate::pid_guard::{acquire_with, reporting_failure, PidFileGuard};
@@ -114,6 +114,7 @@ pub struct DaemonGuardBuilder {
     socket_path: PathBuf,
     pid_path: PathBuf,
     socket_mode: u32,
+    pid_mode: u32,
     backlog: i32,
     signals: SignalMode,
     activation: Activation,
@@ -139,6 +140,10 @@ impl DaemonGuard {
     ///   the current directory cannot be read.
     /// - [`LifecycleError::Signals`](crate::LifecycleError::Signals) when the signal handling cannot be
     ///   installed.
+    /// - [`LifecycleError::SocketInUse`](crate::LifecycleError::SocketInUse)
+    ///   when something holds the socket path that is neither a listener nor
+    ///   provably stale (another user's socket, a datagram socket); it is
+    ///   left untouched.
     /// - [`LifecycleError::InvalidArgument`](crate::LifecycleError::InvalidArgument) when both paths name the same
     ///   file (also when spelt differently: `./`, `..`, a symlinked
     ///   directory, a hard link to the PID file), or the socket path is
@@ -158,6 +163,7 @@ impl DaemonGuard {
             socket_path: socket_path.as_ref().to_path_buf(),
             pid_path: pid_path.as_ref().to_path_buf(),
             socket_mode: DEFAULT_SOCKET_MODE,
+            pid_mode: crate::PID_FILE_MODE,
             backlog: DEFAULT_BACKLOG,
             signals: SignalMode::Exit,
             activation: Activation::Auto,
@@ -217,14 +223,22 @@ impl DaemonGuard {
         self.inner.notifier()
     }
 
-    /// Whether acquiring removed a stale socket left by a dead instance.
+    /// Whether acquiring removed a stale socket: a socket file nobody
+    /// listened on (`ECONNREFUSED`), as a dead instance leaves.
     pub fn reclaimed_stale_socket(&self) -> bool {
         self.reclaimed_socket
     }
 
-    /// Whether acquiring replaced a stale PID file left by a dead instance.
+    /// Whether acquiring replaced a stale PID file, as
+    /// [`PidFileGuard::reclaimed_stale_pid_file`].
     pub fn reclaimed_stale_pid_file(&self) -> bool {
         self.inner.reclaimed_stale_pid_file()
+    }
+
+    /// The PID the replaced stale PID file named, as
+    /// [`PidFileGuard::replaced_pid`].
+    pub fn replaced_pid(&self) -> Option<u32> {
+        self.inner.replaced_pid()
     }
 
     /// The guard's shutdown handle. In [`SignalMode::Graceful`] SIGTERM and
@@ -301,6 +315,15 @@ impl DaemonGuardBuilder {
         self
     }
 
+    /// Mode of the PID file; default [`PID_FILE_MODE`](crate::PID_FILE_MODE)
+    /// (0644). `0o600` keeps other users from opening it, and so from
+    /// holding a lock on it that blocks a restart: see
+    /// [`PidFileGuardBuilder::pid_file_mode`](crate::PidFileGuardBuilder::pid_file_mode).
+    pub fn pid_file_mode(mut self, mode: u32) -> Self {
+        self.pid_mode = mode & 0o777;
+        self
+    }
+
     /// `listen(2)` backlog; default [`DEFAULT_BACKLOG`] (128). A negative value,
     /// or one above the system's `SOMAXCONN`, means `SOMAXCONN`.
     pub fn backlog(mut self, backlog: i32) -> Self {
@@ -349,6 +372,7 @@ impl DaemonGuardBuilder {
         if let Some(listener) = self.adopt()? {
             let (inner, ()) = acquire_with(
                 pid_path,
+                self.pid_mode,
                 self.signals,
                 notifier,
                 |_| Ok(false),
@@ -374,11 +398,16 @@ impl DaemonGuardBuilder {
         // nothing of theirs. Then, under our own claim, bind.
         let (inner, (listener, reclaimed_socket)) = acquire_with(
             pid_path,
+            self.pid_mode,
             self.signals,
             notifier,
             |stale_id| {
-                clear_stale_socket(socket_path)
-                    .map_err(|e| same_file_or(e, socket_path, pid_path, stale_id))
+                clear_stale_socket(socket_path).map_err(|e| {
+                    in_use_or(
+                        same_file_or(e, socket_path, pid_path, stale_id),
+                        socket_path,
+                    )
+                })
             },
             |cleanup, claim| {
                 let (listener, reclaimed) = bind_claimed(spec, pid_path, claim.dev_ino, cleanup)?;

@@ -105,7 +105,12 @@ impl DaemonInfo {
         // file is replaced by ours), clear the socket under it, then give
         // it back by removing our own file. A daemon starting meanwhile
         // gets AlreadyRunning or starts after us; it never loses a file.
-        let claim = claim(&self.pid_path, std::process::id(), |_| clear_socket())?;
+        let claim = claim(
+            &self.pid_path,
+            std::process::id(),
+            crate::PID_FILE_MODE,
+            |_| clear_socket(),
+        )?;
         let cleared = clear_socket();
         let removed = remove_if_same(&self.pid_path, claim.dev_ino, "remove PID file");
         drop(claim.file);

@@ -93,6 +93,13 @@
 //! descriptor is opened close-on-exec, and the PID file is never written
 //! through a symlink.
 //!
+//! A PID file others can open is one they can lock: a local user who holds
+//! `flock -s` on a 0644 PID file left by a SIGKILLed daemon blocks every
+//! restart (each gets [`LifecycleError::AlreadyRunning`]) for as long as
+//! they hold it. A private directory rules that out; where the directory is
+//! shared (a system daemon in `/run`), make the file owner-only with
+//! [`PidFileGuardBuilder::pid_file_mode`]`(0o600)`.
+//!
 //! # What cleanup cannot cover
 //! SIGKILL, [`std::process::abort`], [`std::process::exit`],
 //! `panic = "abort"` and power loss run no cleanup, so the files stay. The
@@ -119,6 +126,7 @@
 #![warn(rust_2018_idioms, unreachable_pub)]
 
 mod activation;
+mod chmod;
 mod cleanup;
 mod client;
 mod error;

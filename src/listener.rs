@@ -4,7 +4,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -55,7 +55,7 @@ pub(crate) fn bind_claimed(
             }
             Err(Bind::InUse) => {
                 reclaimed |= clear_stale_socket(path)
-                    .map_err(|e| same_file_or(e, path, pid_path, pid_id))?;
+                    .map_err(|e| in_use_or(same_file_or(e, path, pid_path, pid_id), path))?;
             }
             Err(Bind::NoDir) if !created_dir => {
                 ensure_dir(parent_dir(path))?;
@@ -67,11 +67,44 @@ pub(crate) fn bind_claimed(
             Err(Bind::Failed(e)) => return Err(e),
         }
     }
-    Err(io_at(
-        "bind socket",
+    Err(in_use(
         path,
-        io::Error::other("the path kept changing while it was bound"),
+        "another process keeps putting a socket there again while we bind".into(),
     ))
+}
+
+/// Turns what the probe could not settle, after `bind(2)` said
+/// `EADDRINUSE`, into [`LifecycleError::SocketInUse`]: a socket we may not
+/// connect to (another user's), one of another type, a path that keeps
+/// changing. The clear outcomes pass through unchanged: a listener
+/// ([`LifecycleError::AlreadyRunning`]), a non-socket
+/// ([`LifecycleError::UnexpectedFileType`]), failures of our own (a
+/// directory we may not search, no descriptors left).
+pub(crate) fn in_use_or(e: LifecycleError, path: &Path) -> LifecycleError {
+    let reason = match (crate::error::op_of(&e), e.raw_os_error()) {
+        (Some("connect to socket"), Some(nix::libc::EACCES | nix::libc::EPERM)) => {
+            "a socket there refuses us permission to connect (another user's, or a mode \
+             that shuts us out)"
+                .to_string()
+        }
+        (Some("connect to socket"), Some(nix::libc::EPROTOTYPE)) => {
+            "a socket of another type (datagram or seqpacket) is bound there".to_string()
+        }
+        (Some("connect to socket"), Some(n)) => format!(
+            "connect(2) to the socket there failed: {}",
+            io::Error::from_raw_os_error(n)
+        ),
+        (Some("probe socket"), _) => "another process keeps replacing it".to_string(),
+        _ => return e,
+    };
+    in_use(path, reason)
+}
+
+fn in_use(path: &Path, reason: String) -> LifecycleError {
+    LifecycleError::SocketInUse {
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 /// Turns "a regular file is at the socket path" into the clearer
@@ -137,8 +170,19 @@ fn bind_socket(
         Err(Errno::ENOENT) => return Err(Bind::NoDir),
         Err(e) => return Err(failed("bind socket", e)),
     }
-    let undo = scopeguard::guard((), |()| {
-        let _ = std::fs::remove_file(path);
+    // On a failure below, remove what we bound: by device and inode once
+    // they are known; before that, only a socket (the best proof there is).
+    let mut undo = scopeguard::guard(None::<(u64, u64)>, |id| {
+        let id = id.or_else(|| {
+            crate::paths::lstat_opt(path)
+                .ok()
+                .flatten()
+                .filter(|m| m.file_type().is_socket())
+                .map(|m| (m.dev(), m.ino()))
+        });
+        if let Some(id) = id {
+            let _ = crate::paths::remove_if_same(path, id, "remove socket");
+        }
     });
     // Listen at once: a bound socket that does not listen yet refuses
     // connections, and would look stale to a prober for that moment.
@@ -146,15 +190,22 @@ fn bind_socket(
     listen(&fd, backlog).map_err(|e| failed("listen on socket", e))?;
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| Bind::Failed(io_at("examine socket", path, e)))?;
-    if meta.mode() & 0o777 != mode {
-        nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
+    if !meta.file_type().is_socket() {
+        // Swapped between bind and here by someone who may write the dir:
+        // not ours, so the undo leaves it alone.
+        return Err(Bind::Failed(crate::error::wrong_type(
             path,
-            mode_t,
-            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
-        )
-        .map_err(|e| failed("set mode of socket", e))?;
+            FileKind::Socket,
+            FileKind::of(meta.file_type()),
+        )));
+    }
+    let id = (meta.dev(), meta.ino());
+    *undo = Some(id);
+    if meta.mode() & 0o777 != mode {
+        // fchmodat(AT_SYMLINK_NOFOLLOW), or on glibc < 2.32 (ENOTSUP) the
+        // same through an O_PATH descriptor checked to be this socket.
+        crate::chmod::set_socket_mode(path, id, mode).map_err(Bind::Failed)?;
     }
     scopeguard::ScopeGuard::into_inner(undo);
-    Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))
+    Ok((UnixListener::from(fd), id))
 }

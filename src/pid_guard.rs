@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::cleanup::{absolute, Cleanup};
 use crate::error::{FileKind, LifecycleError, Result};
 use crate::notify::{Message, Notifier};
-use crate::pidfile::{claim, Claim};
+use crate::pidfile::{claim, Claim, PID_FILE_MODE};
 use crate::readiness::ReadyPipe;
 use crate::shutdown::Shutdown;
 use crate::signals::{register, Registration, SignalMode};
@@ -76,6 +76,7 @@ pub struct PidFileGuard {
     /// The pipe an [`ensure_running`](crate::ensure_running) spawner waits
     /// on; written once by [`ready`](Self::ready).
     ready_pipe: std::sync::Mutex<Option<ReadyPipe>>,
+    replaced_pid: Option<u32>,
 }
 
 /// Options for [`PidFileGuard`]; made by [`PidFileGuard::builder`].
@@ -83,6 +84,7 @@ pub struct PidFileGuard {
 #[must_use = "call .acquire() to take the claim"]
 pub struct PidFileGuardBuilder {
     pid_path: PathBuf,
+    pid_mode: u32,
     signals: SignalMode,
 }
 
@@ -116,6 +118,7 @@ impl PidFileGuard {
     pub fn builder(pid_path: impl AsRef<Path>) -> PidFileGuardBuilder {
         PidFileGuardBuilder {
             pid_path: pid_path.as_ref().to_path_buf(),
+            pid_mode: PID_FILE_MODE,
             signals: SignalMode::Exit,
         }
     }
@@ -130,9 +133,19 @@ impl PidFileGuard {
         &self.pid_path
     }
 
-    /// Whether acquiring replaced a stale PID file left by a dead instance.
+    /// Whether acquiring replaced a stale PID file: one nobody held the lock
+    /// on, left by a dead instance or by another tool (`flock(1)` leaves an
+    /// empty one). [`replaced_pid`](Self::replaced_pid) tells which.
     pub fn reclaimed_stale_pid_file(&self) -> bool {
         self.reclaimed_pid_file
+    }
+
+    /// The PID named in the stale PID file that acquiring replaced, if it
+    /// named one; that process no longer held the lock. `None` when nothing
+    /// was replaced, or the file held no PID (empty, as `flock(1)` creates a
+    /// missing file, or garbage), so no dead instance can be blamed.
+    pub fn replaced_pid(&self) -> Option<u32> {
+        self.replaced_pid
     }
 
     /// The guard's shutdown handle. In [`SignalMode::Graceful`] SIGTERM and
@@ -250,6 +263,34 @@ impl PidFileGuardBuilder {
         self
     }
 
+    /// Mode of the PID file the guard creates (permission bits only); default
+    /// [`PID_FILE_MODE`] (0644), set exactly whatever the umask, before the
+    /// file has its name.
+    ///
+    /// # A local user can block a restart
+    /// A flock needs only an open descriptor, and a 0644 file can be opened
+    /// by anyone who can reach its directory. Another user may open the PID
+    /// file while the daemon runs and wait in `flock -s` on it: when the
+    /// daemon is SIGKILLed (no cleanup, the file stays) that user gets the
+    /// shared lock, and every restart is refused with
+    /// [`LifecycleError::AlreadyRunning`] for as long as they hold it. (A
+    /// clean stop unlinks the file first, so a lock on it blocks nothing.)
+    /// The remedy is a directory nobody else can enter, as
+    /// [`runtime_dir`](crate::runtime_dir) makes (0700); where the
+    /// directory must be shared (`/run` for a system daemon), use
+    /// `.pid_file_mode(0o600)`: others cannot open the file (`EACCES`), so
+    /// they cannot lock it. Tools that read the PID (`start-stop-daemon`,
+    /// systemd's `PIDFile=`) then need to run as the owner or root.
+    ///
+    /// The mode applies to the file this guard creates; a stale file left by
+    /// an older setting is replaced by it.
+    ///
+    /// [`LifecycleError::AlreadyRunning`]: crate::LifecycleError::AlreadyRunning
+    pub fn pid_file_mode(mut self, mode: u32) -> Self {
+        self.pid_mode = mode & 0o777;
+        self
+    }
+
     /// Takes the claim and installs the signal handling.
     ///
     /// # Errors
@@ -259,6 +300,7 @@ impl PidFileGuardBuilder {
         reporting_failure(|notifier| {
             let (guard, ()) = acquire_with(
                 &self.pid_path,
+                self.pid_mode,
                 self.signals,
                 notifier,
                 |_| Ok(false),
@@ -277,6 +319,7 @@ impl PidFileGuardBuilder {
 /// every file listed so far is removed again before the error returns.
 pub(crate) fn acquire_with<T>(
     pid_path: &Path,
+    pid_mode: u32,
     signals: SignalMode,
     notifier: Option<Notifier>,
     under_stale: impl FnMut((u64, u64)) -> Result<bool>,
@@ -284,7 +327,7 @@ pub(crate) fn acquire_with<T>(
 ) -> Result<(PidFileGuard, T)> {
     let pid = std::process::id();
     let abs_pid = absolute(pid_path, "resolve PID file path")?;
-    let claim = claim(pid_path, pid, under_stale)?;
+    let claim = claim(pid_path, pid, pid_mode, under_stale)?;
     let mut cleanup = Cleanup::new(pid);
     cleanup.push(abs_pid, claim.dev_ino, "remove PID file");
     // Until the guard exists, undo what we placed if a later step fails or
@@ -316,6 +359,7 @@ pub(crate) fn acquire_with<T>(
         shutdown,
         reclaimed_pid_file: claim.reclaimed,
         ready_pipe: std::sync::Mutex::new(None),
+        replaced_pid: claim.stale_pid,
     };
     Ok((guard, extra))
 }
@@ -370,6 +414,7 @@ fn errno_of(e: &LifecycleError) -> i32 {
             crate::error::os_errno(io).unwrap_or(libc::EIO)
         }
         LifecycleError::PathTooLong { .. } => libc::ENAMETOOLONG,
+        LifecycleError::SocketInUse { .. } => libc::EADDRINUSE,
         LifecycleError::UnexpectedFileType {
             expected, found, ..
         } => match (expected, found) {

@@ -9,18 +9,27 @@ use std::path::Path;
 use nix::libc;
 use tempfile::NamedTempFile;
 
-use crate::error::{io_at, wrong_type, FileKind, LifecycleError, Result};
+use crate::error::{invalid_pid_file, io_at, wrong_type, FileKind, LifecycleError, Result};
 use crate::paths::{dev_ino, ensure_dir, lstat_opt, parent_dir, remove_if_same};
 
-/// Mode of every PID file this crate writes: readable by all (tools such as
-/// `start-stop-daemon` read it), writable by the owner only.
+/// Mode of the PID files this crate writes: readable by all (tools such as
+/// `start-stop-daemon` read it), writable by the owner only. The guards take
+/// another with `pid_file_mode` (0600 keeps other users from locking it, see
+/// [`PidFileGuardBuilder::pid_file_mode`](crate::PidFileGuardBuilder::pid_file_mode));
+/// [`write_pid_file`] always uses this one.
 pub const PID_FILE_MODE: u32 = 0o644;
 
 /// A PID file holds one number; anything longer than this is not one.
 const MAX_PID_FILE_LEN: u64 = 64;
 
-/// Writes the current process's PID to `pid_path` as `"<pid>\n"` and returns
-/// the PID.
+/// Writes the current process's PID to `pid_path` and returns the PID.
+///
+/// The file holds the PID in decimal digits and nothing else, no newline, as
+/// FreeBSD pidfile(3)'s `pidfile_write` writes it: libbsd's `pidfile_read`
+/// (behind `pidfile_open(3)`) wants the whole file to be the number, so a C
+/// program using it reads our PID instead of failing with `EINVAL`.
+/// [`read_pid_file`] accepts the number with or without surrounding
+/// whitespace.
 ///
 /// The file is written atomically: the PID goes into a fresh temp file in the
 /// same directory (opened `O_CREAT|O_EXCL|O_CLOEXEC`, so it never follows a
@@ -43,7 +52,7 @@ const MAX_PID_FILE_LEN: u64 = 64;
 /// let path = dir.path().join("daemon.pid");
 /// let pid = write_pid_file(&path)?;
 /// assert_eq!(pid, std::process::id());
-/// assert_eq!(std::fs::read_to_string(&path)?, format!("{pid}\n"));
+/// assert_eq!(std::fs::read_to_string(&path)?, pid.to_string()); // digits only
 /// assert_eq!(read_pid_file(&path)?, Some(pid));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -204,14 +213,17 @@ pub(crate) struct Claim {
     /// Whether any run of `under_stale` answered `true` (it reclaimed
     /// something, such as a stale socket).
     pub(crate) stale_work: bool,
+    /// The PID the last replaced stale file named, when it held one: `None`
+    /// for an empty file (as `flock(1)` creates) or garbage.
+    pub(crate) stale_pid: Option<u32>,
 }
 
 /// Takes the claim on `pid_path`, in the style of FreeBSD pidfile(3) but
 /// never showing a torn or empty file.
 ///
-/// 1. A fresh file gets `"<pid>\n"`, mode 0644 and an exclusive flock before
-///    it has a name (Linux `O_TMPFILE`; elsewhere a named temp file beside
-///    the PID file). A missing directory is created then (0700, as
+/// 1. A fresh file gets the PID (digits only, as [`write_pid_file`]), `mode`
+///    (0644 unless the guard was told otherwise) and an exclusive flock before it has a name (Linux `O_TMPFILE`;
+///    elsewhere a named temp file beside the PID file). A missing directory is created then (0700, as
 ///    [`ensure_dir`]), not looked for first.
 /// 2. It is linked in with no-replace semantics. If that works, nobody else
 ///    had the path: the claim is ours.
@@ -234,6 +246,7 @@ pub(crate) struct Claim {
 pub(crate) fn claim(
     pid_path: &Path,
     pid: u32,
+    mode: u32,
     mut under_stale: impl FnMut((u64, u64)) -> Result<bool>,
 ) -> Result<Claim> {
     // No "is someone there?" look before creating our file: when dozens of
@@ -242,6 +255,7 @@ pub(crate) fn claim(
     // in the contention harness (BENCHMARKS.md).
     let mut reclaimed = false;
     let mut stale_work = false;
+    let mut stale_pid = None;
 
     let mut fresh = Fresh::new(pid_path, pid)?;
     // Our own new file: nobody else can have locked it.
@@ -253,12 +267,14 @@ pub(crate) fn claim(
         .file()
         .metadata()
         .map_err(|e| io_at("examine new PID file", pid_path, e))?;
-    // Exact mode, whatever the umask did to the creation mode: tools must be
-    // able to read the PID, and nobody else may write it.
-    if meta.permissions().mode() & 0o7777 != PID_FILE_MODE {
+    // Exact mode, whatever the umask did to the creation mode, set before
+    // the file has its name: tools must be able to read the PID (0644), or
+    // only the owner may open it at all (0600, see the guards'
+    // `pid_file_mode`), and nobody else may write it.
+    if meta.permissions().mode() & 0o7777 != mode {
         fresh
             .file()
-            .set_permissions(std::fs::Permissions::from_mode(PID_FILE_MODE))
+            .set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| io_at("set mode of new PID file", pid_path, e))?;
     }
     let ours = (meta.dev(), meta.ino());
@@ -274,14 +290,21 @@ pub(crate) fn claim(
                     dev_ino: ours,
                     reclaimed,
                     stale_work,
+                    stale_pid,
                 })
             }
             Err((back, e)) if e.kind() == io::ErrorKind::AlreadyExists => fresh = back,
             Err((_, e)) => return Err(io_at("create PID file", pid_path, e)),
         }
-        if let Some((stale, id)) = lock_existing(pid_path)? {
+        if let Some((mut stale, id)) = lock_existing(pid_path)? {
             stale_work |= under_stale(id)?;
-            reclaimed |= remove_if_same(pid_path, id, "remove stale PID file")?;
+            // What it named, for the caller's message; read under the lock,
+            // bounded, and never a reason to fail.
+            let named = parse_file(&mut stale, pid_path).ok();
+            if remove_if_same(pid_path, id, "remove stale PID file")? {
+                reclaimed = true;
+                stale_pid = named;
+            }
             drop(stale);
         }
     }
@@ -381,7 +404,7 @@ pub(crate) fn lock_existing(pid_path: &Path) -> Result<Option<(File, (u64, u64))
     Ok(Some((file, id)))
 }
 
-/// A temp file (mode 0600) beside `pid_path` holding `"<pid>\n"`. Removed on
+/// A temp file (mode 0600) beside `pid_path` holding the PID. Removed on
 /// drop unless persisted.
 fn temp_file_beside(pid_path: &Path, pid: u32) -> Result<NamedTempFile> {
     let dir = parent_dir(pid_path);
@@ -403,10 +426,16 @@ fn temp_file_beside(pid_path: &Path, pid: u32) -> Result<NamedTempFile> {
     Ok(tmp)
 }
 
-/// Writes `"<pid>\n"` with one `write(2)`.
+/// Writes the PID's decimal digits, with no newline (FreeBSD pidfile(3)'s
+/// format, which libbsd's `pidfile_read` insists on), with one `write(2)`.
 fn write_pid(f: &mut File, pid_path: &Path, pid: u32) -> Result<()> {
-    f.write_all(format!("{pid}\n").as_bytes())
+    f.write_all(pid_file_bytes(pid).as_bytes())
         .map_err(|e| io_at("write new PID file", pid_path, e))
+}
+
+/// What a PID file written by this crate holds: the PID in decimal digits.
+pub(crate) fn pid_file_bytes(pid: u32) -> String {
+    pid.to_string()
 }
 
 /// Opens a PID file for reading without following a symlink or blocking on a
@@ -447,9 +476,7 @@ fn parse_file(file: &mut File, pid_path: &Path) -> Result<u32> {
     file.take(MAX_PID_FILE_LEN + 1)
         .read_to_end(&mut buf)
         .map_err(|e| io_at("read PID file", pid_path, e))?;
-    parse_pid(&buf).map_err(|what| {
-        LifecycleError::PidFile(format!("invalid PID file {}: {what}", pid_path.display()))
-    })
+    parse_pid(&buf).map_err(|what| invalid_pid_file(pid_path, &what))
 }
 
 /// Parses PID file content: one decimal number in `1..=i32::MAX`, optionally
@@ -468,17 +495,20 @@ pub(crate) fn parse_pid(bytes: &[u8]) -> std::result::Result<u32, String> {
     if t.is_empty() {
         return Err("is empty".into());
     }
+    // The content is shown quoted, with ':' escaped too, so a message never
+    // holds ": " but the one after the path (see `invalid_pid_file`).
+    let shown = format!("\"{}\"", t.escape_debug()).replace(':', "\\u{3a}");
     if t.contains(|c: char| c.is_ascii_whitespace()) {
-        return Err(format!("holds more than one value: {t:?}"));
+        return Err(format!("holds more than one value, {shown}"));
     }
     if t.starts_with('-') {
-        return Err(format!("holds a negative number {t:?}"));
+        return Err(format!("holds a negative number {shown}"));
     }
     if t.starts_with("0x") || t.starts_with("0X") {
-        return Err(format!("holds hexadecimal {t:?}; expected a decimal PID"));
+        return Err(format!("holds hexadecimal {shown}; expected a decimal PID"));
     }
     if !t.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("holds {t:?}; expected one decimal PID"));
+        return Err(format!("holds {shown}; expected one decimal PID"));
     }
     let max = i32::MAX as u32;
     let beyond = || {

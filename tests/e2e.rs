@@ -90,7 +90,11 @@ fn restart_after_sigkill_reclaims_the_stale_files() {
     let second = Daemon::start(daemon_cmd(&p));
     let out = second.output();
     assert!(
-        out.contains("reclaimed stale socket and stale PID file left by a dead instance"),
+        out.contains(&format!(
+            "reclaimed a stale socket (nobody listened on it) and a stale PID file \
+             naming pid {}, which no longer held its lock",
+            first.pid()
+        )),
         "{out}"
     );
     assert_eq!(pid_in_file(&p.pid), second.pid());

@@ -1,6 +1,7 @@
-//! PID files: atomic `"<pid>\n"` writes with an exact mode that never follow
-//! a symlink, strict bounded reads that never hang, and idempotent cleanup
-//! that removes only regular files.
+//! PID files: atomic writes of the bare PID (digits, no newline, as FreeBSD
+//! pidfile(3)) with an exact mode that never follow a symlink, strict bounded
+//! reads that never hang, and idempotent cleanup that removes only regular
+//! files.
 //!
 //! Tests that spawn children or hold a guard are `#[serial]`: a child forked
 //! by a parallel test holds a copy of every fd until it execs.
@@ -130,13 +131,13 @@ fn tree_below(root: &Path) -> BTreeMap<PathBuf, FileSnapshot> {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn write_pid_file_writes_pid_newline_and_replaces_by_rename() {
+fn write_pid_file_writes_the_bare_pid_and_replaces_by_rename() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("daemon.pid");
     let me = std::process::id();
 
     assert_eq!(write_pid_file(&path).unwrap(), me);
-    assert_eq!(fs::read(&path).unwrap(), format!("{me}\n").into_bytes());
+    assert_eq!(fs::read(&path).unwrap(), me.to_string().into_bytes());
     assert_eq!(read_pid_file(&path).unwrap(), Some(me));
 
     // Over an existing file: a new inode is renamed in; the old one is never
@@ -146,7 +147,7 @@ fn write_pid_file_writes_pid_newline_and_replaces_by_rename() {
     fs::hard_link(&path, &old).unwrap();
     let old_ino = fs::metadata(&old).unwrap().ino();
     write_pid_file(&path).unwrap();
-    assert_eq!(fs::read(&path).unwrap(), format!("{me}\n").into_bytes());
+    assert_eq!(fs::read(&path).unwrap(), me.to_string().into_bytes());
     assert_ne!(fs::metadata(&path).unwrap().ino(), old_ino);
     assert_eq!(fs::read(&old).unwrap(), b"garbage");
     assert_eq!(
@@ -213,7 +214,7 @@ fn pid_file_mode_is_exactly_0644_under_any_umask() {
         let mode = mode_of(&path);
         assert_eq!(mode, PID_FILE_MODE, "umask {mask}: mode {mode:04o}");
         assert_eq!(mode & 0o022, 0, "group/world-writable under umask {mask}");
-        assert_eq!(fs::read_to_string(&path).unwrap(), format!("{child_pid}\n"));
+        assert_eq!(fs::read_to_string(&path).unwrap(), child_pid.to_string());
     }
     assert_eq!(PID_FILE_MODE, 0o644);
     let mut expected: Vec<String> = umasks.iter().map(|m| format!("pid-{m}")).collect();
@@ -294,7 +295,7 @@ fn concurrent_reader_never_sees_a_torn_pid_file() {
     let path = dir.path().join("daemon.pid");
     let mut writer = ChildSpec::new("rewrite_loop").env(PID_ENV, &path).spawn();
     assert_eq!(writer.expect_line(), "READY");
-    let expected = format!("{}\n", writer.pid());
+    let expected = writer.pid().to_string();
 
     for i in 0..3000 {
         let raw = fs::read_to_string(&path)
