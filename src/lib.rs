@@ -112,6 +112,14 @@
 //! refused with [`LifecycleError::PathTooLong`], never truncated.
 //! [`running_pid`] reads `/proc/locks` on Linux and falls back to a trial lock
 //! elsewhere.
+//!
+//! A Unix stream listener whose backlog is full answers `connect(2)` with
+//! `EAGAIN` on Linux but with `ECONNREFUSED`, the stale socket's answer, on
+//! macOS and the BSDs. So there the lockless [`check_singleton`] and
+//! [`try_check_singleton`] never remove a refused socket
+//! ([`SocketState::Refused`]; the answer is `AlreadyRunning`, also after a
+//! crash); the guards and [`DaemonInfo::cleanup`], which hold the PID file's
+//! claim while they look, reclaim it.
 
 #![cfg(unix)]
 #![deny(missing_docs)]
