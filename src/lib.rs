@@ -111,7 +111,13 @@
 //! of path on Linux and 103 on macOS (`unix(7)`); longer socket paths are
 //! refused with [`LifecycleError::PathTooLong`], never truncated.
 //! [`running_pid`] reads `/proc/locks` on Linux and falls back to a trial lock
-//! elsewhere.
+//! elsewhere. Without `/proc` (macOS, the BSDs) it cannot check that the PID
+//! in the file still holds the lock, so when the locker has exited and a
+//! child it forked without `exec` keeps the lock, it may name a recycled PID:
+//! the weaker guarantee there. Across PID namespaces it names a holder it can
+//! see by its PID in the caller's namespace, and answers
+//! [`LifecycleError::HolderUnknown`] for one it cannot see, never the number
+//! in the file.
 //!
 //! A Unix stream listener whose backlog is full answers `connect(2)` with
 //! `EAGAIN` on Linux but with `ECONNREFUSED`, the stale socket's answer, on
@@ -131,6 +137,7 @@ mod cleanup;
 mod control;
 mod error;
 mod guard;
+mod holder;
 mod info;
 mod listener;
 mod notify;

@@ -266,12 +266,19 @@ pub(crate) fn process_has_open(_pid: u32, _dev_ino: (u64, u64)) -> Option<bool> 
 /// believed. A hit is always genuine.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn flock_holder(file: &File) -> Result<Option<u32>, ()> {
-    use std::io::Read;
-    /// Reads of a torn (multi-`read(2)`) `/proc/locks` before a miss stands.
-    const TORN_READS: usize = 16;
     let meta = file.metadata().map_err(drop)?;
     let dev = meta.dev();
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    flock_holder_key(major, minor, meta.ino())
+}
+
+/// [`flock_holder`] for the lock-table key `major:minor:ino` itself (see
+/// `holder::lock_key_if_different` for when it is not `stat(2)`'s).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn flock_holder_key(major: u64, minor: u64, ino: u64) -> Result<Option<u32>, ()> {
+    use std::io::Read;
+    /// Reads of a torn (multi-`read(2)`) `/proc/locks` before a miss stands.
+    const TORN_READS: usize = 16;
     let mut text = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     for _ in 0..TORN_READS {
@@ -289,7 +296,7 @@ pub(crate) fn flock_holder(file: &File) -> Result<Option<u32>, ()> {
                 Err(_) => return Err(()),
             }
         }
-        let found = parse_proc_locks(&String::from_utf8_lossy(&text), major, minor, meta.ino());
+        let found = parse_proc_locks(&String::from_utf8_lossy(&text), major, minor, ino);
         if found.is_some() || reads <= 1 {
             return Ok(found);
         }
