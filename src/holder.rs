@@ -128,6 +128,17 @@ pub(crate) fn parse_mountinfo(text: &str, mnt_id: u64) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+        /// Any text as `/proc/locks`, fdinfo or mountinfo: never a panic.
+        #[test]
+        fn proc_parsers_never_panic(text in ".{0,160}", id in 0u64..40) {
+            let _ = crate::sys::parse_proc_locks(&text, 0, 0x1a, id);
+            let _ = parse_fdinfo(&text);
+            let _ = parse_mountinfo(&text, id);
+        }
+    }
+
     #[test]
     fn fdinfo_gives_the_mount_and_the_inode() {
         let text = "pos:\t0\nflags:\t0100002\nmnt_id:\t31\nino:\t5120\nlock:\t1: FLOCK ADVISORY WRITE 77 00:2a:5120 0 EOF\n";

@@ -586,7 +586,80 @@ pub(crate) fn parse_pid(bytes: &[u8]) -> std::result::Result<u32, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_pid;
+    use super::{parse_pid, pid_file_bytes, MAX_PID_FILE_LEN};
+    use proptest::prelude::*;
+
+    /// Cases per property: the parser is pure and fast, so many.
+    const CASES: u32 = 10_000;
+
+    /// Up to four ASCII whitespace characters.
+    fn whitespace() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            proptest::sample::select(&[' ', '\t', '\r', '\n'][..]),
+            0..=4,
+        )
+        .prop_map(|v| v.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Any bytes: a clean Ok or Err (never a panic), and an Ok is always
+        /// a PID a `pid_t` can hold, never 0 or negative, from digits only.
+        #[test]
+        fn any_bytes_give_a_clean_answer_and_never_a_pid_out_of_range(
+            bytes in proptest::collection::vec(any::<u8>(), 0..=80)
+        ) {
+            match parse_pid(&bytes) {
+                Ok(pid) => {
+                    prop_assert!((1..=i32::MAX as u32).contains(&pid), "{pid}");
+                    let text = std::str::from_utf8(&bytes).unwrap();
+                    let t = text.trim_matches(|c: char| c.is_ascii_whitespace());
+                    prop_assert!(t.bytes().all(|b| b.is_ascii_digit()), "{text:?}");
+                    prop_assert_eq!(t.parse::<u64>().unwrap(), u64::from(pid));
+                }
+                Err(why) => prop_assert!(!why.is_empty()),
+            }
+        }
+
+        /// Text that looks like a PID file (digits, signs, spaces, `x`):
+        /// the same, on inputs that reach the number parsing far more often.
+        #[test]
+        fn pid_like_text_gives_a_clean_answer(
+            chars in proptest::collection::vec(
+                proptest::sample::select(&b" \t\r\n-+0x123456789"[..]),
+                0..=24,
+            )
+        ) {
+            if let Ok(pid) = parse_pid(&chars) {
+                prop_assert!((1..=i32::MAX as u32).contains(&pid), "{chars:?} -> {pid}");
+            }
+        }
+
+        /// Every valid PID round-trips: as written (digits only), with the
+        /// newline other tools add, and with any surrounding whitespace.
+        #[test]
+        fn every_valid_pid_round_trips(
+            pid in 1..=i32::MAX as u32,
+            before in whitespace(),
+            after in whitespace(),
+        ) {
+            prop_assert_eq!(parse_pid(pid_file_bytes(pid).as_bytes()), Ok(pid));
+            prop_assert_eq!(parse_pid(format!("{pid}\n").as_bytes()), Ok(pid));
+            let padded = format!("{before}{pid}{after}");
+            prop_assert_eq!(parse_pid(padded.as_bytes()), Ok(pid));
+        }
+
+        /// Every u64 is accepted exactly when it is a positive `pid_t`, with
+        /// any leading zeros that fit the 64-byte bound.
+        #[test]
+        fn numbers_are_accepted_exactly_in_1_to_i32_max(n in any::<u64>(), zeros in 0usize..40) {
+            let text = format!("{}{n}", "0".repeat(zeros));
+            let fits = text.len() as u64 <= MAX_PID_FILE_LEN;
+            let expected = (fits && (1..=u64::from(i32::MAX as u32)).contains(&n)).then_some(n as u32);
+            prop_assert_eq!(parse_pid(text.as_bytes()).ok(), expected, "{}", text);
+        }
+    }
 
     #[test]
     fn accepted_pid_file_contents() {
