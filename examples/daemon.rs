@@ -206,9 +206,14 @@ fn refuse_second_instance(socket_path: &Path, pid_path: &Path) {
                 "the PID file {pid} is locked by {} (no socket at {sock})",
                 process(n)
             ),
-            Ok(_) => format!(
+            Ok(SocketState::Stale) => format!(
                 "the PID file {pid} is locked by {}, which does not listen on {sock}",
                 process(n)
+            ),
+            Ok(_) => format!(
+                "the PID file {pid} is locked by {}; {}",
+                process(n),
+                socket_fact(&at_socket, socket_path)
             ),
             Err(e) => format!(
                 "the PID file {pid} is locked by {}; the socket cannot be checked: {e}",
@@ -249,7 +254,9 @@ fn socket_fact(found: &Result<SocketState, LifecycleError>, socket_path: &Path) 
     match found {
         Ok(SocketState::Absent) => format!("no socket at {sock}"),
         Ok(s) if s.is_live() => format!("a process listens on {sock}"),
-        Ok(_) => format!("nobody listens on the socket {sock}"),
+        Ok(SocketState::Stale) => format!("nobody listens on the socket {sock}"),
+        // macOS and the BSDs: no listener, or one whose backlog is full.
+        Ok(_) => format!("connections to {sock} are refused"),
         Err(e) => format!("the socket cannot be checked: {e}"),
     }
 }

@@ -118,8 +118,10 @@ pub enum LifecycleError {
 
     /// The claim on a PID file is held, but no live process holding it can
     /// be named: the process that locked it exited while a child it forked
-    /// (without `exec`) keeps the lock, or the holder runs in another PID
-    /// namespace. Treat the daemon as running; signal nothing.
+    /// (without `exec`) keeps the lock, the holder runs in a PID namespace
+    /// the caller cannot see (a container looking at the host's daemon), or
+    /// the caller's `/proc` belongs to another PID namespace. Treat the
+    /// daemon as running; signal nothing.
     #[error("{path}: the claim is held, but no live process holding it can be identified")]
     HolderUnknown {
         /// The PID file.

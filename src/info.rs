@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{LifecycleError, Result};
 use crate::paths::{lstat_opt, parent_dir, remove_if_same};
 use crate::pidfile::{claim, read_pid_file, running_pid};
-use crate::probe::{clear_stale_socket, probe, probe_socket, SocketState};
+use crate::probe::{
+    clear_stale_socket, probe, probe_socket, try_check_singleton, SingletonCheck, SocketState,
+};
 
 /// A daemon's socket and PID file paths, with the PID last read from disk.
 ///
@@ -76,7 +78,13 @@ impl DaemonInfo {
     /// itself while removing (for that moment the PID file names this
     /// process), so a daemon starting at the same moment either gets
     /// [`LifecycleError::AlreadyRunning`] or starts after it, and never loses
-    /// its fresh files. The socket is removed only when provably stale.
+    /// its fresh files. The socket is removed only when provably stale: under
+    /// that claim when the PID file's directory exists; when it does not, no
+    /// claim is taken (nothing is created) and, as with [`check_singleton`], a
+    /// refused socket on macOS and the BSDs is left, reported as
+    /// [`LifecycleError::AlreadyRunning`].
+    ///
+    /// [`check_singleton`]: crate::check_singleton
     ///
     /// # Errors
     /// - [`LifecycleError::AlreadyRunning`] when a process holds the claim or
@@ -98,8 +106,14 @@ impl DaemonInfo {
         let clear_socket = || clear_stale_socket(&self.socket_path);
         if !exists(parent_dir(&self.pid_path)) {
             // No PID file can exist, so no daemon using this path holds a
-            // claim; only a provably stale socket is removed.
-            return clear_socket().map(drop);
+            // claim, and none is taken here (it would create the directory):
+            // only a socket proven stale without the claim is removed. On
+            // macOS and the BSDs a refusal is no such proof (a full backlog
+            // is refused too), so there it is left, as AlreadyRunning.
+            return match try_check_singleton(&self.socket_path)? {
+                SingletonCheck::AlreadyRunning => Err(LifecycleError::AlreadyRunning),
+                SingletonCheck::Available | SingletonCheck::StaleSocketCleaned => Ok(()),
+            };
         }
         // Take the claim as a starting daemon would (a dead holder's PID
         // file is replaced by ours), clear the socket under it, then give

@@ -119,7 +119,21 @@
 //! of path on Linux and 103 on macOS (`unix(7)`); longer socket paths are
 //! refused with [`LifecycleError::PathTooLong`], never truncated.
 //! [`running_pid`] reads `/proc/locks` on Linux and falls back to a trial lock
-//! elsewhere.
+//! elsewhere. Without `/proc` (macOS, the BSDs) it cannot check that the PID
+//! in the file still holds the lock, so when the locker has exited and a
+//! child it forked without `exec` keeps the lock, it may name a recycled PID:
+//! the weaker guarantee there. Across PID namespaces it names a holder it can
+//! see by its PID in the caller's namespace, and answers
+//! [`LifecycleError::HolderUnknown`] for one it cannot see, never the number
+//! in the file.
+//!
+//! A Unix stream listener whose backlog is full answers `connect(2)` with
+//! `EAGAIN` on Linux but with `ECONNREFUSED`, the stale socket's answer, on
+//! macOS and the BSDs. So there the lockless [`check_singleton`] and
+//! [`try_check_singleton`] never remove a refused socket
+//! ([`SocketState::Refused`]; the answer is `AlreadyRunning`, also after a
+//! crash); the guards and [`DaemonInfo::cleanup`], which hold the PID file's
+//! claim while they look, reclaim it.
 
 #![cfg(unix)]
 #![deny(missing_docs)]
@@ -131,6 +145,7 @@ mod cleanup;
 mod client;
 mod error;
 mod guard;
+mod holder;
 mod info;
 mod listener;
 mod notify;

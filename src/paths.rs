@@ -277,6 +277,55 @@ pub(crate) fn dev_ino(path: &Path) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Cases per property.
+    const CASES: u32 = 5_000;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Any bytes as a socket path: accepted exactly when non-empty,
+        /// without NUL, and within `sun_path`; never a panic, never
+        /// truncated.
+        #[test]
+        fn socket_path_check_accepts_exactly_what_sun_path_holds(
+            bytes in proptest::collection::vec(any::<u8>(), 0..=2 * SUN_PATH_MAX)
+        ) {
+            let path = Path::new(OsStr::from_bytes(&bytes));
+            let fits = !bytes.is_empty() && !bytes.contains(&0) && bytes.len() <= SUN_PATH_MAX;
+            match check_socket_path(path) {
+                Ok(()) => prop_assert!(fits),
+                Err(LifecycleError::PathTooLong { len, max, path: p }) => {
+                    prop_assert!(!fits && len == bytes.len() && max == SUN_PATH_MAX);
+                    prop_assert_eq!(p.as_os_str().as_bytes(), &bytes[..]);
+                }
+                Err(LifecycleError::InvalidArgument { .. }) => {
+                    prop_assert!(bytes.is_empty() || bytes.contains(&0))
+                }
+                Err(e) => prop_assert!(false, "unexpected {e:?}"),
+            }
+        }
+
+        /// Any application name: accepted names stay one level below the
+        /// base (never `..`, never a separator); the rest are refused.
+        #[test]
+        fn accepted_app_names_never_escape_the_runtime_base(
+            app in proptest::string::string_regex("[./a-z\x00-]{0,6}|.{0,12}").unwrap()
+        ) {
+            let ok = validate_app_name(&app).is_ok();
+            let should = !app.is_empty() && app != "." && app != ".." && !app.contains(['/', '\0']);
+            prop_assert_eq!(ok, should, "{:?}", app);
+            if ok {
+                let base = Path::new("/run/user/1000");
+                let dir = choose_runtime_dir(&app, Some(base.as_os_str()), Path::new("/tmp"), 1000);
+                prop_assert_eq!(dir.parent(), Some(base));
+                prop_assert_eq!(dir.file_name(), Some(OsStr::new(&app)));
+                let fallback = choose_runtime_dir(&app, None, Path::new("/tmp"), 1000);
+                prop_assert_eq!(fallback.parent(), Some(Path::new("/tmp")));
+            }
+        }
+    }
 
     #[test]
     fn runtime_dir_prefers_xdg_and_falls_back_to_tmp_with_uid() {

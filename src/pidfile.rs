@@ -10,6 +10,7 @@ use nix::libc;
 use tempfile::NamedTempFile;
 
 use crate::error::{invalid_pid_file, io_at, wrong_type, FileKind, LifecycleError, Result};
+use crate::holder::ProcView;
 use crate::paths::{dev_ino, ensure_dir, lstat_opt, parent_dir, remove_if_same};
 
 /// Mode of the PID files this crate writes: readable by all (tools such as
@@ -139,17 +140,43 @@ pub fn cleanup_pid_file(pid_path: &Path) -> Result<()> {
 ///
 /// On Linux the holder comes from `/proc/locks` (`proc(5)`), which reads the
 /// lock without taking it, and counts only if `/proc/<pid>/fd` shows that
-/// process still has the PID file open. When `/proc/locks` names no live
-/// holder (or on other platforms), a shared trial `flock(2)` tells whether the
-/// claim is held, and the PID comes from the file, checked the same way on
-/// Linux. For the instant of that trial lock, an `acquire` racing it could be
+/// process still has the PID file open. The lock table is searched under the
+/// device number the kernel prints there, which on btrfs subvolumes and
+/// overlayfs is not `stat(2)`'s `st_dev` (it comes from
+/// `/proc/self/mountinfo`). When `/proc/locks` names no live holder (or on
+/// other platforms), a shared trial `flock(2)` tells whether the claim is
+/// held, and the PID comes from the file, checked the same way on Linux.
+/// For the instant of that trial lock, an `acquire` racing it could be
 /// refused.
+///
+/// # PID namespaces (containers)
+/// - Looking into a child namespace (the host, a container's daemon): the
+///   kernel translates the holder's PID into ours, so the answer is its PID
+///   here, not the number in the file (its PID in its own namespace).
+/// - Looking at a holder this namespace cannot see (a container looking at
+///   the host's or a sibling container's daemon through a shared
+///   directory): [`LifecycleError::HolderUnknown`], never the number in the
+///   file, which here may be an unrelated process or the caller itself.
+/// - A `/proc` mounted for another PID namespace than the caller's
+///   (`unshare --pid` without `--mount-proc`) speaks in PIDs that are not
+///   the caller's: a held claim is then `HolderUnknown` too.
+///
+/// # Without `/proc` (macOS, the BSDs, a Linux chroot without it)
+/// The weaker guarantee: nothing can check that the PID in the file still
+/// holds the lock, so once the trial lock shows the claim is held, the
+/// file's PID is the answer. If the process that locked it has exited while
+/// a child it forked without `exec` keeps the lock, that PID may have been
+/// recycled, and this names the unrelated process that now has it (and
+/// [`signal_daemon`](crate::signal_daemon) would signal it). Daemons that
+/// fork helpers should `exec` them (every descriptor of the guard is
+/// close-on-exec) or run them before acquiring.
 ///
 /// # Errors
 /// - [`LifecycleError::HolderUnknown`] when the claim is held but no live
 ///   process that holds it can be named: the locker exited and a child it
-///   forked (without `exec`) keeps the lock, or the holder lives in another
-///   PID namespace. Do not start, and do not signal anything.
+///   forked (without `exec`) keeps the lock, or the holder lives in a PID
+///   namespace this one cannot see, or `/proc` is another namespace's. Do
+///   not start, and do not signal anything.
 /// - As [`read_pid_file`]: [`LifecycleError::PidFile`] when the claim is held
 ///   but the file's content is not a PID, [`LifecycleError::UnexpectedFileType`]
 ///   and [`LifecycleError::Io`].
@@ -173,27 +200,57 @@ pub fn running_pid(pid_path: &Path) -> Result<Option<u32>> {
         .metadata()
         .map_err(|e| io_at("examine PID file", pid_path, e))?;
     let id = (meta.dev(), meta.ino());
+    let unknown = || {
+        Err(LifecycleError::HolderUnknown {
+            path: pid_path.to_path_buf(),
+        })
+    };
     // A PID counts only if that process still has the file open: the lock
     // table and the file may name a process that is gone.
     let holds = |pid: u32| crate::sys::process_has_open(pid, id) != Some(false);
-    if let Ok(Some(holder)) = crate::sys::flock_holder(&file) {
-        if holder > 0 && holds(holder) {
-            return Ok(Some(holder));
+    // The lock table's answer: a live holder, one hidden in another PID
+    // namespace (PID 0), or nothing usable.
+    let from_table = |holder: Option<u32>| match holder {
+        Some(0) => Some(unknown()),
+        Some(h) if holds(h) => Some(Ok(Some(h))),
+        _ => None,
+    };
+    // /proc's PIDs are ours, or none can be trusted (see `holder`).
+    let view = crate::holder::proc_view();
+    if view == ProcView::Ours {
+        if let Some(answer) = from_table(crate::sys::flock_holder(&file).ok().flatten()) {
+            return answer;
         }
     }
-    // No live holder in /proc/locks: none at all, one in another PID
-    // namespace (hidden there), or a lock kept by a forked child after the
-    // locker exited. The lock itself tells which.
+    // No live holder found: none at all, a lock kept by a forked child after
+    // the locker exited, or one listed under another device number. The lock
+    // itself tells whether it is held.
     match file.try_lock_shared() {
         Ok(()) => Ok(None), // nobody holds it; closing the file unlocks
         Err(TryLockError::WouldBlock) => {
+            match view {
+                // Its PIDs and our PIDs differ: no number can be trusted.
+                ProcView::Foreign => return unknown(),
+                ProcView::Ours => {
+                    // btrfs subvolumes, overlayfs: /proc/locks names the
+                    // superblock's device, not stat's. Look under that.
+                    if let Some(answer) = from_table(crate::holder::flock_holder_by_lock_key(&file))
+                    {
+                        return answer;
+                    }
+                }
+                ProcView::Absent => {}
+            }
             let pid = parse_file(&mut file, pid_path)?;
+            // With our /proc, the lock table would have listed us: the file
+            // names us (or our number in another namespace), not the holder.
+            if view == ProcView::Ours && pid == std::process::id() {
+                return unknown();
+            }
             if holds(pid) {
                 Ok(Some(pid))
             } else {
-                Err(LifecycleError::HolderUnknown {
-                    path: pid_path.to_path_buf(),
-                })
+                unknown()
             }
         }
         Err(TryLockError::Error(e)) => Err(io_at("lock PID file", pid_path, e)),
@@ -529,7 +586,80 @@ pub(crate) fn parse_pid(bytes: &[u8]) -> std::result::Result<u32, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_pid;
+    use super::{parse_pid, pid_file_bytes, MAX_PID_FILE_LEN};
+    use proptest::prelude::*;
+
+    /// Cases per property: the parser is pure and fast, so many.
+    const CASES: u32 = 10_000;
+
+    /// Up to four ASCII whitespace characters.
+    fn whitespace() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            proptest::sample::select(&[' ', '\t', '\r', '\n'][..]),
+            0..=4,
+        )
+        .prop_map(|v| v.into_iter().collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Any bytes: a clean Ok or Err (never a panic), and an Ok is always
+        /// a PID a `pid_t` can hold, never 0 or negative, from digits only.
+        #[test]
+        fn any_bytes_give_a_clean_answer_and_never_a_pid_out_of_range(
+            bytes in proptest::collection::vec(any::<u8>(), 0..=80)
+        ) {
+            match parse_pid(&bytes) {
+                Ok(pid) => {
+                    prop_assert!((1..=i32::MAX as u32).contains(&pid), "{pid}");
+                    let text = std::str::from_utf8(&bytes).unwrap();
+                    let t = text.trim_matches(|c: char| c.is_ascii_whitespace());
+                    prop_assert!(t.bytes().all(|b| b.is_ascii_digit()), "{text:?}");
+                    prop_assert_eq!(t.parse::<u64>().unwrap(), u64::from(pid));
+                }
+                Err(why) => prop_assert!(!why.is_empty()),
+            }
+        }
+
+        /// Text that looks like a PID file (digits, signs, spaces, `x`):
+        /// the same, on inputs that reach the number parsing far more often.
+        #[test]
+        fn pid_like_text_gives_a_clean_answer(
+            chars in proptest::collection::vec(
+                proptest::sample::select(&b" \t\r\n-+0x123456789"[..]),
+                0..=24,
+            )
+        ) {
+            if let Ok(pid) = parse_pid(&chars) {
+                prop_assert!((1..=i32::MAX as u32).contains(&pid), "{chars:?} -> {pid}");
+            }
+        }
+
+        /// Every valid PID round-trips: as written (digits only), with the
+        /// newline other tools add, and with any surrounding whitespace.
+        #[test]
+        fn every_valid_pid_round_trips(
+            pid in 1..=i32::MAX as u32,
+            before in whitespace(),
+            after in whitespace(),
+        ) {
+            prop_assert_eq!(parse_pid(pid_file_bytes(pid).as_bytes()), Ok(pid));
+            prop_assert_eq!(parse_pid(format!("{pid}\n").as_bytes()), Ok(pid));
+            let padded = format!("{before}{pid}{after}");
+            prop_assert_eq!(parse_pid(padded.as_bytes()), Ok(pid));
+        }
+
+        /// Every u64 is accepted exactly when it is a positive `pid_t`, with
+        /// any leading zeros that fit the 64-byte bound.
+        #[test]
+        fn numbers_are_accepted_exactly_in_1_to_i32_max(n in any::<u64>(), zeros in 0usize..40) {
+            let text = format!("{}{n}", "0".repeat(zeros));
+            let fits = text.len() as u64 <= MAX_PID_FILE_LEN;
+            let expected = (fits && (1..=u64::from(i32::MAX as u32)).contains(&n)).then_some(n as u32);
+            prop_assert_eq!(parse_pid(text.as_bytes()).ok(), expected, "{}", text);
+        }
+    }
 
     #[test]
     fn accepted_pid_file_contents() {

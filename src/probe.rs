@@ -42,13 +42,23 @@ pub enum SocketState {
     Busy,
     /// `lstat(2)` says it is a socket and `connect(2)` was refused
     /// (`ECONNREFUSED`), with the same inode before and after: nobody
-    /// listens. This is the only proof of staleness this crate accepts.
+    /// listens. This is the only proof of staleness this crate accepts, and
+    /// only on Linux, where a full backlog answers `EAGAIN` instead.
     Stale,
+    /// As [`Stale`](Self::Stale), on a platform where `ECONNREFUSED` does not
+    /// prove it: macOS and the BSDs also refuse a connection when the
+    /// listener's backlog is full, so a busy live daemon looks the same.
+    /// The lockless [`check_singleton`] and [`try_check_singleton`] never
+    /// remove such a socket (they answer `AlreadyRunning`); a guard, which
+    /// holds the PID file's claim, does: a daemon that uses the claim cannot
+    /// be listening while we hold it. Never reported on Linux.
+    Refused,
 }
 
 impl SocketState {
     /// Whether a daemon is serving on the socket ([`Listening`](Self::Listening)
-    /// or [`Busy`](Self::Busy)).
+    /// or [`Busy`](Self::Busy)). [`Refused`](Self::Refused) is not known to
+    /// be live, nor to be stale.
     pub fn is_live(self) -> bool {
         matches!(self, SocketState::Listening | SocketState::Busy)
     }
@@ -69,7 +79,9 @@ pub(crate) struct Probed {
 /// - connection accepted → [`SocketState::Listening`];
 /// - `EAGAIN` (backlog full) → [`SocketState::Busy`];
 /// - `ECONNREFUSED` on a path that `lstat` says is a socket, with the same
-///   device and inode before and after → [`SocketState::Stale`].
+///   device and inode before and after → [`SocketState::Stale`] on Linux,
+///   [`SocketState::Refused`] elsewhere, where a full backlog is refused
+///   too.
 ///
 /// The connect never blocks: on Unix sockets a non-blocking connect answers at
 /// once, so a daemon that never calls `accept` cannot hang the probe.
@@ -99,12 +111,25 @@ pub fn probe_socket(path: &Path) -> Result<SocketState> {
     probe(path).map(|p| p.state)
 }
 
+/// Whether `ECONNREFUSED` from `connect(2)` on a Unix stream socket proves
+/// that nobody listens. Linux answers a full backlog with `EAGAIN`, so a
+/// refusal means no listener (`unix(7)`). macOS and the BSDs answer a full
+/// backlog with `ECONNREFUSED` too (`so_qlen > so_qlimit` in
+/// `uipc_usrreq.c`), so there a refusal proves nothing without the claim.
+const REFUSAL_PROVES_STALE: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
 pub(crate) fn probe(path: &Path) -> Result<Probed> {
+    probe_with(path, REFUSAL_PROVES_STALE)
+}
+
+/// [`probe`] with the platform's answer to "does a refusal prove
+/// staleness?" given, so the other platforms' rule is tested on Linux too.
+pub(crate) fn probe_with(path: &Path, refusal_proves_stale: bool) -> Result<Probed> {
     check_socket_path(path)?;
     // A path that is swapped between our lstat and connect is looked at
     // again; one that keeps changing is someone fighting us, and an error.
     for _ in 0..8 {
-        if let Some(found) = probe_once(path)? {
+        if let Some(found) = probe_once(path, refusal_proves_stale)? {
             return Ok(found);
         }
     }
@@ -116,7 +141,7 @@ pub(crate) fn probe(path: &Path) -> Result<Probed> {
 }
 
 /// One lstat-connect-lstat round; `None` when the path changed under it.
-fn probe_once(path: &Path) -> Result<Option<Probed>> {
+fn probe_once(path: &Path, refusal_proves_stale: bool) -> Result<Option<Probed>> {
     let Some(before) = lstat_opt(path).map_err(|e| io_at("examine socket", path, e))? else {
         return Ok(Some(Probed {
             state: SocketState::Absent,
@@ -146,7 +171,13 @@ fn probe_once(path: &Path) -> Result<Option<Probed>> {
                         FileKind::of(after.file_type()),
                     ))
                 }
-                Some(after) if (after.dev(), after.ino()) == id => SocketState::Stale,
+                Some(after) if (after.dev(), after.ino()) == id => {
+                    if refusal_proves_stale {
+                        SocketState::Stale
+                    } else {
+                        SocketState::Refused
+                    }
+                }
                 // Replaced by another socket, or removed: look again.
                 _ => return Ok(None),
             }
@@ -183,13 +214,23 @@ fn try_connect(path: &Path) -> Result<Connect> {
 /// Under a claim: removes a provably stale socket at `path` and says whether
 /// it did; [`LifecycleError::AlreadyRunning`](crate::LifecycleError::AlreadyRunning)
 /// when a listener answers there (one that does not use the claim).
+///
+/// Holding the claim is what lets a refusal count as staleness on every
+/// platform ([`SocketState::Refused`]): a daemon that uses the claim cannot
+/// be listening, busy or not, while we hold it.
 pub(crate) fn clear_stale_socket(path: &Path) -> Result<bool> {
-    let probed = probe(path)?;
+    clear_stale_socket_with(path, REFUSAL_PROVES_STALE)
+}
+
+fn clear_stale_socket_with(path: &Path, refusal_proves_stale: bool) -> Result<bool> {
+    let probed = probe_with(path, refusal_proves_stale)?;
     match (probed.state, probed.dev_ino) {
         (SocketState::Listening | SocketState::Busy, _) => {
             Err(crate::LifecycleError::AlreadyRunning)
         }
-        (SocketState::Stale, Some(id)) => remove_if_same(path, id, "remove stale socket"),
+        (SocketState::Stale | SocketState::Refused, Some(id)) => {
+            remove_if_same(path, id, "remove stale socket")
+        }
         _ => Ok(false),
     }
 }
@@ -206,17 +247,36 @@ pub(crate) fn clear_stale_socket(path: &Path) -> Result<bool> {
 /// [`DaemonGuard::acquire`](crate::DaemonGuard::acquire), which does the same
 /// under a flock.
 ///
+/// # Platform difference
+/// On macOS and the BSDs a listener whose backlog is full refuses
+/// connections with `ECONNREFUSED`, the answer a stale socket gives. Without
+/// the claim nothing tells them apart, so there a refused socket
+/// ([`SocketState::Refused`]) is never removed: the answer is
+/// [`SingletonCheck::AlreadyRunning`], also after a crash. A guard (or
+/// [`DaemonInfo::cleanup`](crate::DaemonInfo::cleanup)), which holds the
+/// claim, reclaims it. On Linux a full backlog answers `EAGAIN`
+/// ([`SocketState::Busy`]) and a refusal is proof.
+///
 /// # Errors
 /// As [`probe_socket`], plus [`LifecycleError::Io`](crate::LifecycleError::Io) when the stale socket
 /// cannot be removed. On every error nothing was removed.
 pub fn try_check_singleton(socket_path: &Path) -> Result<SingletonCheck> {
+    try_check_singleton_with(socket_path, REFUSAL_PROVES_STALE)
+}
+
+fn try_check_singleton_with(
+    socket_path: &Path,
+    refusal_proves_stale: bool,
+) -> Result<SingletonCheck> {
     // A removal can race with another process re-creating the path; a few
     // rounds settle it, and more would mean something is fighting us.
     for _ in 0..8 {
-        let p = probe(socket_path)?;
+        let p = probe_with(socket_path, refusal_proves_stale)?;
         match p.state {
             SocketState::Absent => return Ok(SingletonCheck::Available),
-            SocketState::Listening | SocketState::Busy => {
+            // Refused: maybe a busy live daemon (macOS, BSD); no lock held
+            // here to tell, so never removed.
+            SocketState::Listening | SocketState::Busy | SocketState::Refused => {
                 return Ok(SingletonCheck::AlreadyRunning)
             }
             SocketState::Stale => {
@@ -235,7 +295,8 @@ pub fn try_check_singleton(socket_path: &Path) -> Result<SingletonCheck> {
 /// describes: connect to it, and clean up the socket file if it is stale.
 ///
 /// Safer than the seed's wording: only `ECONNREFUSED` on a path that `lstat`
-/// says is a socket counts as stale. When the probe fails for any other reason
+/// says is a socket counts as stale, and only on Linux (macOS and the BSDs
+/// refuse connections to a busy listener too; see [`try_check_singleton`]). When the probe fails for any other reason
 /// (permission denied, a regular file or directory at the path, a path longer
 /// than `sun_path`) nothing is removed and the answer is
 /// [`SingletonCheck::AlreadyRunning`], the answer that cannot lead a caller to
@@ -283,4 +344,70 @@ pub fn cleanup_socket_file(socket_path: &Path) -> Result<()> {
         ));
     }
     remove_if_same(socket_path, (meta.dev(), meta.ino()), "remove socket").map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn id(path: &Path) -> (u64, u64) {
+        let m = std::fs::symlink_metadata(path).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    /// The macOS/BSD rule, run on Linux: a refusal is no proof without the
+    /// claim, so the lockless check keeps the socket; under the claim it goes.
+    #[test]
+    fn where_a_full_backlog_is_refused_only_the_claim_may_remove_a_refused_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        drop(UnixListener::bind(&sock).unwrap()); // a socket nobody listens on
+        let before = id(&sock);
+
+        assert_eq!(
+            probe_with(&sock, false).unwrap().state,
+            SocketState::Refused
+        );
+        assert!(!SocketState::Refused.is_live());
+        for _ in 0..2 {
+            assert_eq!(
+                try_check_singleton_with(&sock, false).unwrap(),
+                SingletonCheck::AlreadyRunning
+            );
+            assert_eq!(id(&sock), before, "the lockless check removed it");
+        }
+        // The Linux rule: the same refusal is proof.
+        assert_eq!(probe_with(&sock, true).unwrap().state, SocketState::Stale);
+        assert_eq!(REFUSAL_PROVES_STALE, cfg!(target_os = "linux"));
+        // Under the claim (the guards' path), it is reclaimed.
+        assert!(clear_stale_socket_with(&sock, false).unwrap());
+        assert!(std::fs::symlink_metadata(&sock).is_err());
+        assert_eq!(
+            try_check_singleton_with(&sock, false).unwrap(),
+            SingletonCheck::Available
+        );
+    }
+
+    #[test]
+    fn a_listener_is_live_under_either_rule_and_never_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let _l = UnixListener::bind(&sock).unwrap();
+        for proves in [true, false] {
+            assert_eq!(
+                probe_with(&sock, proves).unwrap().state,
+                SocketState::Listening
+            );
+            assert!(matches!(
+                clear_stale_socket_with(&sock, proves),
+                Err(crate::LifecycleError::AlreadyRunning)
+            ));
+            assert_eq!(
+                try_check_singleton_with(&sock, proves).unwrap(),
+                SingletonCheck::AlreadyRunning
+            );
+        }
+        assert!(std::fs::symlink_metadata(&sock).is_ok());
+    }
 }

@@ -169,12 +169,18 @@ pub(crate) fn process_has_open(pid: u32, dev_ino: (u64, u64)) -> Option<bool> {
 /// a file read in pieces is read again, a few times, before a miss is
 /// believed. A hit is always genuine.
 pub(crate) fn flock_holder(file: &File) -> Result<Option<u32>, ()> {
-    use std::io::Read;
-    /// Reads of a torn (multi-`read(2)`) `/proc/locks` before a miss stands.
-    const TORN_READS: usize = 16;
     let meta = file.metadata().map_err(drop)?;
     let dev = meta.dev();
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    flock_holder_key(major, minor, meta.ino())
+}
+
+/// [`flock_holder`] for the lock-table key `major:minor:ino` itself (see
+/// `holder::lock_key_if_different` for when it is not `stat(2)`'s).
+pub(crate) fn flock_holder_key(major: u64, minor: u64, ino: u64) -> Result<Option<u32>, ()> {
+    use std::io::Read;
+    /// Reads of a torn (multi-`read(2)`) `/proc/locks` before a miss stands.
+    const TORN_READS: usize = 16;
     let mut text = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     for _ in 0..TORN_READS {
@@ -192,7 +198,7 @@ pub(crate) fn flock_holder(file: &File) -> Result<Option<u32>, ()> {
                 Err(_) => return Err(()),
             }
         }
-        let found = parse_proc_locks(&String::from_utf8_lossy(&text), major, minor, meta.ino());
+        let found = parse_proc_locks(&String::from_utf8_lossy(&text), major, minor, ino);
         if found.is_some() || reads <= 1 {
             return Ok(found);
         }

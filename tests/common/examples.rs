@@ -23,7 +23,7 @@ pub const WATCHDOG: Duration = Duration::from_secs(10);
 ///
 /// `cargo test` builds examples before integration tests, but
 /// `cargo test --test e2e` does not, and a stale binary would test old code;
-/// so we build the two examples once ourselves. It is a quick no-op
+/// so we build the examples the tests run once ourselves. It is a quick no-op
 /// when they are fresh (cargo holds no lock while tests run).
 pub fn example(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -43,6 +43,7 @@ pub fn example(name: &str) -> PathBuf {
             // Only ours: a broken unrelated example must not fail these tests.
             .args(["build", "--quiet", "--profile", profile])
             .args(["--example", "daemon", "--example", "ctl"])
+            .args(["--example", "crash_point"])
             .arg("--target-dir")
             .arg(target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))

@@ -270,6 +270,8 @@ pub struct ChildSpec {
     user: Option<u32>,
     stdin: Option<Stdio>,
     deadline: Duration,
+    /// A program that runs the child, e.g. `unshare --pid --fork`.
+    wrapper: Vec<OsString>,
 }
 
 impl ChildSpec {
@@ -281,7 +283,18 @@ impl ChildSpec {
             user: None,
             stdin: None,
             deadline: DEFAULT_DEADLINE,
+            wrapper: Vec::new(),
         }
+    }
+
+    /// Runs the child through `wrapper` (a program and its arguments, such
+    /// as `unshare --pid --fork --kill-child`), which must end by running
+    /// the command line it is given. [`ChildProc::pid`] is then the
+    /// wrapper's PID; the watchdog and the parent-death signal reach the
+    /// wrapper, so pick one that takes its child down with it.
+    pub fn via<S: AsRef<OsStr>>(mut self, wrapper: impl IntoIterator<Item = S>) -> Self {
+        self.wrapper = wrapper.into_iter().map(|s| s.as_ref().to_owned()).collect();
+        self
     }
 
     /// Sets an environment variable in the child.
@@ -326,7 +339,14 @@ impl ChildSpec {
     /// When the test binary cannot be started.
     pub fn spawn(self) -> ChildProc {
         let exe = std::env::current_exe().expect("path of the test binary");
-        let mut cmd = Command::new(exe);
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(exe),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(exe);
+                c
+            }
+        };
         cmd.args(["--exact", ENTRY, "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, &self.role)
             .stdout(Stdio::piped())
