@@ -36,13 +36,16 @@ struct State {
     stopping_sent: bool,
     /// `disable_cleanup(true)`: leave the files, but can be turned back on.
     disabled: bool,
+    /// The files, in the order they were added. Under the same lock as the
+    /// flags, so a file re-created under the claim (`rebind`) is either
+    /// listed before a cleanup starts or made after it finished.
+    entries: Vec<Owned>,
 }
 
 /// The files a guard owns, removed in the reverse order they were added (the
 /// socket before the PID file whose claim covers it).
 #[derive(Debug)]
 pub(crate) struct Cleanup {
-    entries: Vec<Owned>,
     /// The acquiring process; a forked child never removes anything.
     owner: u32,
     /// The service manager waiting on `NOTIFY_SOCKET`, told `STOPPING=1`
@@ -55,7 +58,6 @@ impl Cleanup {
     /// An empty list owned by process `owner`.
     pub(crate) fn new(owner: u32) -> Self {
         Cleanup {
-            entries: Vec::new(),
             owner,
             notifier: None,
             state: Mutex::new(State::default()),
@@ -66,7 +68,39 @@ impl Cleanup {
     /// its device and inode.
     pub(crate) fn push(&mut self, path: PathBuf, dev_ino: (u64, u64), op: &'static str) {
         debug_assert!(path.is_absolute(), "{} must be absolute", path.display());
-        self.entries.push(Owned { path, dev_ino, op });
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        state.entries.push(Owned { path, dev_ino, op });
+    }
+
+    /// Under the cleanup's lock: finds the entry for the file `old` (its
+    /// absolute path and device and inode), lets `remake` re-create it, and
+    /// lists the new inode instead. `remake` gets the path and returns the
+    /// new device and inode, or `None` when nothing was made. Refused once
+    /// cleanup has run or was disarmed, or in a forked child.
+    pub(crate) fn remake<T>(
+        &self,
+        old: (u64, u64),
+        remake: impl FnOnce(&Path) -> Result<Option<((u64, u64), T)>>,
+    ) -> Result<Option<T>> {
+        let mut state = lock(&self.state);
+        if state.done || std::process::id() != self.owner {
+            return Err(crate::LifecycleError::InvalidArgument {
+                what: "guard",
+                reason: "its cleanup already ran (or it was kept, or this is a forked child)"
+                    .into(),
+            });
+        }
+        let Some(i) = state.entries.iter().position(|e| e.dev_ino == old) else {
+            return Ok(None);
+        };
+        let path = state.entries[i].path.clone();
+        match remake(&path)? {
+            Some((id, made)) => {
+                state.entries[i].dev_ino = id;
+                Ok(Some(made))
+            }
+            None => Ok(None),
+        }
     }
 
     /// The process that owns the files.
@@ -110,7 +144,7 @@ impl Cleanup {
         }
         state.done = true;
         let mut first_error = Ok(());
-        for e in self.entries.iter().rev() {
+        for e in state.entries.iter().rev() {
             if let Err(err) = remove_if_same(&e.path, e.dev_ino, e.op) {
                 if first_error.is_ok() {
                     first_error = Err(err);

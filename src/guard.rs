@@ -103,6 +103,11 @@ pub struct DaemonGuard {
     /// signal registration.
     inner: PidFileGuard,
     socket_path: PathBuf,
+    /// Device and inode of the socket file we bound (re-created by
+    /// [`rebind`](Self::rebind)); `None` for an adopted socket.
+    socket_id: Option<(u64, u64)>,
+    socket_mode: u32,
+    backlog: i32,
     reclaimed_socket: bool,
     activated: bool,
 }
@@ -247,6 +252,82 @@ impl DaemonGuard {
         self.inner.shutdown()
     }
 
+    /// Re-creates the socket if it was deleted while the daemon runs (a tmp
+    /// cleaner, an operator's `rm`), under the claim this guard holds, and
+    /// says whether it did. As tmux does on SIGUSR1: a daemon can call it
+    /// from its own signal or timer handling (this crate installs no
+    /// handler for it).
+    ///
+    /// - The socket file this guard bound is still there: nothing to do,
+    ///   `Ok(false)`.
+    /// - Nothing is at the path: a fresh socket is bound there (the same
+    ///   mode and backlog; its directory re-created, 0700, if it is gone
+    ///   too) and listened on, `Ok(true)`. It replaces the guard's listener
+    ///   (the old one, bound to the deleted file, can never be reached
+    ///   again): take the new one with [`take_listener`](Self::take_listener)
+    ///   if you took the first. Cleanup now removes the new file.
+    /// - Anything else is at the path (another socket, a file, a symlink):
+    ///   someone else put it there, and it is never replaced.
+    ///
+    /// The socket is bound at the path made absolute at acquire, so a
+    /// `chdir(2)` since changes nothing; that absolute path must fit
+    /// `sun_path`. Only the socket is re-created, not the PID file.
+    ///
+    /// # Errors
+    /// - [`LifecycleError::SocketInUse`](crate::LifecycleError::SocketInUse)
+    ///   when another socket is at the path (or appears there while binding);
+    ///   [`LifecycleError::UnexpectedFileType`](crate::LifecycleError::UnexpectedFileType)
+    ///   for anything else there. Both leave it untouched.
+    /// - [`LifecycleError::InvalidArgument`](crate::LifecycleError::InvalidArgument)
+    ///   for an adopted socket (socket activation: the service manager owns
+    ///   it) and once cleanup has run, or in a forked child.
+    /// - [`LifecycleError::PathTooLong`](crate::LifecycleError::PathTooLong)
+    ///   when the absolute path does not fit `sun_path`;
+    ///   [`LifecycleError::Io`](crate::LifecycleError::Io) when `bind(2)`,
+    ///   `listen(2)` or the mode fail.
+    pub fn rebind(&mut self) -> Result<bool> {
+        let Some(old) = self.socket_id.filter(|_| !self.activated) else {
+            return Err(crate::LifecycleError::InvalidArgument {
+                what: "rebind",
+                reason: format!(
+                    "the socket {} was passed down by the service manager, which owns it",
+                    self.socket_path.display()
+                ),
+            });
+        };
+        let (mode, backlog) = (self.socket_mode, self.backlog);
+        let made = self.inner.cleanup().remake(old, |abs| {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            match crate::paths::lstat_opt(abs) {
+                Err(e) => Err(crate::error::io_at("examine socket", abs, e)),
+                Ok(Some(m)) if (m.dev(), m.ino()) == old => Ok(None), // still ours
+                Ok(Some(m)) if m.file_type().is_socket() => {
+                    Err(crate::LifecycleError::SocketInUse {
+                        path: abs.to_path_buf(),
+                        reason: "another socket was put there; left it untouched".into(),
+                    })
+                }
+                Ok(Some(m)) => Err(crate::error::wrong_type(
+                    abs,
+                    crate::FileKind::Socket,
+                    crate::FileKind::of(m.file_type()),
+                )),
+                Ok(None) => {
+                    let (listener, id) = crate::listener::bind_again(abs, mode, backlog)?;
+                    Ok(Some((id, (listener, id))))
+                }
+            }
+        })?;
+        match made {
+            Some((listener, id)) => {
+                self.socket_id = Some(id);
+                self.listener = Some(listener);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Removes the socket and the PID file, then releases the claim,
     /// reporting what went wrong. Drop does the same but has to stay silent.
     ///
@@ -382,6 +463,9 @@ impl DaemonGuardBuilder {
                 listener: Some(listener),
                 inner,
                 socket_path: self.socket_path,
+                socket_id: None,
+                socket_mode: self.socket_mode,
+                backlog: self.backlog,
                 reclaimed_socket: false,
                 activated: true,
             });
@@ -396,7 +480,7 @@ impl DaemonGuardBuilder {
         // provably stale socket, or refuse if someone serves there without
         // the lock (an older version, an unrelated program), touching
         // nothing of theirs. Then, under our own claim, bind.
-        let (inner, (listener, reclaimed_socket)) = acquire_with(
+        let (inner, (listener, socket_id, reclaimed_socket)) = acquire_with(
             pid_path,
             self.pid_mode,
             self.signals,
@@ -410,8 +494,9 @@ impl DaemonGuardBuilder {
                 })
             },
             |cleanup, claim| {
-                let (listener, reclaimed) = bind_claimed(spec, pid_path, claim.dev_ino, cleanup)?;
-                Ok((listener, reclaimed || claim.stale_work))
+                let (listener, id, reclaimed) =
+                    bind_claimed(spec, pid_path, claim.dev_ino, cleanup)?;
+                Ok((listener, id, reclaimed || claim.stale_work))
             },
         )?;
         Ok(DaemonGuard {
@@ -419,6 +504,9 @@ impl DaemonGuardBuilder {
             listener: Some(listener),
             inner,
             socket_path: self.socket_path,
+            socket_id: Some(socket_id),
+            socket_mode: self.socket_mode,
+            backlog: self.backlog,
             activated: false,
         })
     }

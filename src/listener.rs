@@ -41,7 +41,7 @@ pub(crate) fn bind_claimed(
     pid_path: &Path,
     pid_id: (u64, u64),
     cleanup: &mut Cleanup,
-) -> Result<(UnixListener, bool)> {
+) -> Result<(UnixListener, (u64, u64), bool)> {
     let path = spec.path;
     let mut reclaimed = false;
     let mut created_dir = false;
@@ -51,7 +51,7 @@ pub(crate) fn bind_claimed(
         match bind_socket(path, spec.mode, spec.backlog) {
             Ok((listener, id)) => {
                 cleanup.push(spec.absolute, id, "remove socket");
-                return Ok((listener, reclaimed));
+                return Ok((listener, id, reclaimed));
             }
             Err(Bind::InUse) => {
                 reclaimed |= clear_stale_socket(path)
@@ -71,6 +71,36 @@ pub(crate) fn bind_claimed(
         path,
         "another process keeps putting a socket there again while we bind".into(),
     ))
+}
+
+/// Re-creates our socket at `path` (absolute), where nothing is: binds with
+/// `mode` and `backlog`, creating the directory (0700) if it is gone too.
+/// Something appearing there meanwhile is someone else's:
+/// [`LifecycleError::SocketInUse`], untouched.
+pub(crate) fn bind_again(
+    path: &Path,
+    mode: u32,
+    backlog: i32,
+) -> Result<(UnixListener, (u64, u64))> {
+    crate::paths::check_socket_path(path)?;
+    let mut created_dir = false;
+    loop {
+        match bind_socket(path, mode, backlog) {
+            Ok(bound) => return Ok(bound),
+            Err(Bind::InUse) => {
+                return Err(in_use(
+                    path,
+                    "another process put something there first; left it untouched".into(),
+                ))
+            }
+            Err(Bind::NoDir) if !created_dir => {
+                ensure_dir(parent_dir(path))?;
+                created_dir = true;
+            }
+            Err(Bind::NoDir) => return Err(errno_at("bind socket", path, Errno::ENOENT)),
+            Err(Bind::Failed(e)) => return Err(e),
+        }
+    }
 }
 
 /// Turns what the probe could not settle, after `bind(2)` said

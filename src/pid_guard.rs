@@ -218,6 +218,11 @@ impl PidFileGuard {
         self.keep_in_place()
     }
 
+    /// The cleanup list, for a front door that re-creates one of its files.
+    pub(crate) fn cleanup(&self) -> &Cleanup {
+        &self.cleanup
+    }
+
     /// [`keep`](Self::keep) for a guard that is a field of another: leaves
     /// it released, so its Drop does nothing.
     pub(crate) fn keep_in_place(&mut self) -> File {
