@@ -263,24 +263,28 @@ fn check_live(c: &mut Criterion, base: &Base) {
         ("floor_raw_connect", live_floor),
     ] {
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let n = left.min(BATCH);
-                    let t = Instant::now();
-                    for _ in 0..n {
-                        op(&p);
-                    }
-                    total += t.elapsed();
-                    drain(&listener);
-                    left -= n;
-                }
-                total
-            })
+            b.iter_custom(|iters| batched(&p, &listener, op, iters))
         });
     }
     g.finish();
+}
+
+/// Runs `op` `iters` times against a listener, draining its backlog every
+/// [`BATCH`] calls outside the timed region; the time spent in `op`.
+fn batched(p: &Paths, listener: &UnixListener, op: fn(&Paths), iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(BATCH);
+        let t = Instant::now();
+        for _ in 0..n {
+            op(p);
+        }
+        total += t.elapsed();
+        drain(listener);
+        left -= n;
+    }
+    total
 }
 
 fn client_connect(c: &mut Criterion, base: &Base) {
@@ -293,21 +297,7 @@ fn client_connect(c: &mut Criterion, base: &Base) {
         ("floor_std_connect", client_floor),
     ] {
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let n = left.min(BATCH);
-                    let t = Instant::now();
-                    for _ in 0..n {
-                        op(&p);
-                    }
-                    total += t.elapsed();
-                    drain(&listener);
-                    left -= n;
-                }
-                total
-            })
+            b.iter_custom(|iters| batched(&p, &listener, op, iters))
         });
     }
     g.finish();

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::listener::{bind_claimed, in_use_or, same_file_or, same_path_error, BindSpec};
 use crate::notify::Notifier;
 use crate::paths::{check_socket_path, parent_dir};
-use crate::pid_guard::{acquire_with, reporting_failure, PidFileGuard};
+use crate::pid_guard::{acquire_with, claim_only, reporting_failure, PidFileGuard};
 use crate::probe::clear_stale_socket;
 use crate::shutdown::Shutdown;
 use crate::signals::SignalMode;
@@ -451,14 +451,7 @@ impl DaemonGuardBuilder {
         // close-on-exec early, and an adopted socket is never probed (under
         // a `.socket` unit a probe would only queue a connection to us).
         if let Some(listener) = self.adopt()? {
-            let (inner, ()) = acquire_with(
-                pid_path,
-                self.pid_mode,
-                self.signals,
-                notifier,
-                |_| Ok(false),
-                |_, _| Ok(()),
-            )?;
+            let inner = claim_only(pid_path, self.pid_mode, self.signals, notifier)?;
             return Ok(DaemonGuard {
                 listener: Some(listener),
                 inner,

@@ -303,17 +303,28 @@ impl PidFileGuardBuilder {
     #[must_use = "the claim is released as soon as the guard is dropped"]
     pub fn acquire(self) -> Result<PidFileGuard> {
         reporting_failure(|notifier| {
-            let (guard, ()) = acquire_with(
-                &self.pid_path,
-                self.pid_mode,
-                self.signals,
-                notifier,
-                |_| Ok(false),
-                |_, _| Ok(()),
-            )?;
-            Ok(guard)
+            claim_only(&self.pid_path, self.pid_mode, self.signals, notifier)
         })
     }
+}
+
+/// [`acquire_with`] with nothing else under the claim: the PID-file-only
+/// guard, and a socket guard whose socket was passed down.
+pub(crate) fn claim_only(
+    pid_path: &Path,
+    pid_mode: u32,
+    signals: SignalMode,
+    notifier: Option<Notifier>,
+) -> Result<PidFileGuard> {
+    acquire_with(
+        pid_path,
+        pid_mode,
+        signals,
+        notifier,
+        |_| Ok(false),
+        |_, _| Ok(()),
+    )
+    .map(|(g, ())| g)
 }
 
 /// The one acquisition path for every guard: takes the claim on `pid_path`,
