@@ -82,7 +82,7 @@ fn main() {
             0
         }
         Ok(Some(cli::Parsed { word: None, .. })) => {
-            eprintln!("ctl: missing command: status, ping or stop\n\n{USAGE}");
+            eprintln!("ctl: missing command: status, ping, start, stop or restart\n\n{USAGE}");
             EXIT_USAGE
         }
         Ok(Some(cli::Parsed {
@@ -145,9 +145,10 @@ fn status(socket: &Path, pid_path: &Path) -> i32 {
         );
         return EXIT_RUNNING;
     }
-    match leftovers(socket, pid_path) {
-        None => println!("not running"),
-        Some(files) => println!("not running, stale files left ({files})"),
+    match (blocker(socket), leftovers(socket, pid_path)) {
+        (Some(why), _) => println!("not running, but {why}"),
+        (None, None) => println!("not running"),
+        (None, Some(files)) => println!("not running, stale files left ({files})"),
     }
     EXIT_NOT_RUNNING
 }
@@ -205,9 +206,10 @@ fn stop(socket: &Path, pid_path: &Path) -> i32 {
         Ok(Stopped::NotRunning) if unreachable.is_none() => finished(socket, pid_path),
         Ok(Stopped::NotRunning) => {
             // Stopping a stopped service succeeds, as in LSB init scripts.
-            match leftovers(socket, pid_path) {
-                None => println!("not running"),
-                Some(files) => println!(
+            match (blocker(socket), leftovers(socket, pid_path)) {
+                (Some(why), _) => println!("not running, but {why}"),
+                (None, None) => println!("not running"),
+                (None, Some(files)) => println!(
                     "not running, stale files left ({files}); the next start reclaims them"
                 ),
             }
@@ -300,6 +302,24 @@ fn request(socket: &Path, command: &str) -> io::Result<String> {
         ));
     }
     Ok(reply.trim_end().to_owned())
+}
+
+/// What at the socket path would make the next start fail, said plainly;
+/// `None` when the path is free or holds a provably stale socket (which the
+/// next start reclaims).
+fn blocker(socket: &Path) -> Option<String> {
+    match probe_socket(socket) {
+        Ok(state) if state.is_live() => Some(format!(
+            "something listens on {} without holding the lock: a start is refused",
+            socket.display()
+        )),
+        Ok(_) => None,
+        Err(LifecycleError::UnexpectedFileType { found, .. }) => Some(format!(
+            "{} is a {found}, not a socket: a start is refused until it is moved away",
+            socket.display()
+        )),
+        Err(e) => Some(format!("{} cannot be examined: {e}", socket.display())),
+    }
 }
 
 /// Which of the two files exist, for messages; `None` when neither does.
