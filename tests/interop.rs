@@ -226,6 +226,17 @@ fn libbsd_pidfile_open_reads_our_pid_while_each_guard_holds_the_claim() {
     }
 }
 
+/// Runs the libbsd holder until it holds `pid_path`, then SIGKILLs it and
+/// reaps it: its PID file stays, its lock is gone. Returns its PID.
+fn sigkilled_bsd_holder(exe: &Path, pid_path: &Path) -> u32 {
+    let mut bsd = Tool::spawn(bsdpid(exe, pid_path));
+    assert!(bsd.expect_line().starts_with("HELD "));
+    let bsd_pid = bsd.child.id();
+    bsd.child.kill().unwrap();
+    bsd.child.wait().unwrap();
+    bsd_pid
+}
+
 #[test]
 #[serial]
 fn a_libbsd_holder_refuses_our_guard_and_running_pid_names_it() {
@@ -278,11 +289,7 @@ fn a_libbsd_holder_refuses_our_guard_and_running_pid_names_it() {
 fn a_sigkilled_libbsd_holder_leaves_a_pid_file_we_reclaim() {
     let p = paths();
     let exe = build_bsdpid(p.dir.path());
-    let mut bsd = Tool::spawn(bsdpid(&exe, &p.pid));
-    assert!(bsd.expect_line().starts_with("HELD "));
-    let bsd_pid = bsd.child.id();
-    bsd.child.kill().unwrap();
-    bsd.child.wait().unwrap();
+    let bsd_pid = sigkilled_bsd_holder(&exe, &p.pid);
     assert!(p.pid.exists(), "libbsd's file stays after SIGKILL");
 
     let guard = PidFileGuard::builder(&p.pid)
@@ -495,11 +502,7 @@ fn daemon_over_flocks_empty_file_or_a_dead_bsd_holders_file_says_what_it_replace
     std::fs::remove_file(&p.pid).unwrap();
 
     // A SIGKILLed libbsd holder leaves its bare PID: named, and only that.
-    let mut bsd = Tool::spawn(bsdpid(&exe, &p.pid));
-    assert!(bsd.expect_line().starts_with("HELD "));
-    let bsd_pid = bsd.child.id();
-    bsd.child.kill().unwrap();
-    bsd.child.wait().unwrap();
+    let bsd_pid = sigkilled_bsd_holder(&exe, &p.pid);
     let d = Daemon::start(common::examples::daemon_cmd(&p));
     let out = d.output();
     assert!(
