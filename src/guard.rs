@@ -13,8 +13,9 @@ use crate::notify::Notifier;
 use crate::paths::{check_socket_path, parent_dir};
 use crate::pid_guard::{acquire_with, claim_only, reporting_failure, PidFileGuard};
 use crate::probe::clear_stale_socket;
+use crate::reload::Reload;
 use crate::shutdown::Shutdown;
-use crate::signals::SignalMode;
+use crate::signals::{SignalAction, SignalMode, SignalTable};
 
 /// Default mode of the bound socket: owner only, for a per-user daemon.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
@@ -121,7 +122,7 @@ pub struct DaemonGuardBuilder {
     socket_mode: u32,
     pid_mode: u32,
     backlog: i32,
-    signals: SignalMode,
+    signals: SignalTable,
     activation: Activation,
     fd_name: Option<String>,
 }
@@ -170,7 +171,7 @@ impl DaemonGuard {
             socket_mode: DEFAULT_SOCKET_MODE,
             pid_mode: crate::PID_FILE_MODE,
             backlog: DEFAULT_BACKLOG,
-            signals: SignalMode::Exit,
+            signals: SignalTable::default(),
             activation: Activation::Auto,
             fd_name: None,
         }
@@ -250,6 +251,13 @@ impl DaemonGuard {
     /// SIGINT set it; in every mode [`Shutdown::request`] does.
     pub fn shutdown(&self) -> &Shutdown {
         self.inner.shutdown()
+    }
+
+    /// The guard's reload handle, as [`PidFileGuard::reload`]: set by a
+    /// signal whose action is [`SignalAction::Reload`] (see
+    /// [`DaemonGuardBuilder::on_signal`]) and by [`Reload::request`].
+    pub fn reload(&self) -> &Reload {
+        self.inner.reload()
     }
 
     /// Re-creates the socket if it was deleted while the daemon runs (a tmp
@@ -412,9 +420,24 @@ impl DaemonGuardBuilder {
         self
     }
 
-    /// What SIGTERM and SIGINT do; default [`SignalMode::Exit`].
+    /// What SIGTERM and SIGINT do; default [`SignalMode::Exit`]. Replaces
+    /// what an earlier [`on_signal`](Self::on_signal) set for those two.
     pub fn signals(mut self, mode: SignalMode) -> Self {
-        self.signals = mode;
+        self.signals.set_mode(mode);
+        self
+    }
+
+    /// What `signal` does to this guard, as
+    /// [`PidFileGuardBuilder::on_signal`](crate::PidFileGuardBuilder::on_signal): SIGTERM, SIGINT, SIGHUP, SIGQUIT,
+    /// SIGUSR1 or SIGUSR2, each [`SignalAction::Terminate`],
+    /// [`Shutdown`](SignalAction::Shutdown), [`Reload`](SignalAction::Reload)
+    /// or [`Leave`](SignalAction::Leave).
+    ///
+    /// A signal a guard cannot act on is refused by `acquire` with
+    /// [`LifecycleError::InvalidArgument`](crate::LifecycleError::InvalidArgument),
+    /// before anything on disk changes.
+    pub fn on_signal(mut self, signal: i32, action: SignalAction) -> Self {
+        self.signals.set(signal, action);
         self
     }
 

@@ -43,8 +43,49 @@
 //! 2. The daemon serves on [`DaemonGuard::listener`].
 //! 3. Drop, [`DaemonGuard::close`], SIGTERM or SIGINT remove the socket and
 //!    the PID file, but only in the process that created them and only while
-//!    they are still the files it created. See [`SignalMode`] for signals and
-//!    graceful shutdown.
+//!    they are still the files it created. See [Signals](#signals).
+//!
+//! # Signals
+//! By default SIGTERM and SIGINT remove the files and end the process by
+//! the signal (status 143 or 130), from a helper thread, while the daemon's
+//! own threads stay blocked wherever they are. Each signal can do something
+//! else ([`SignalAction`], set per guard with `on_signal`; [`SignalMode`]
+//! is the shorthand for SIGTERM and SIGINT):
+//!
+//! | action | what the signal does |
+//! |---|---|
+//! | [`SignalAction::Terminate`] | remove every guard's files, then end the process by the signal (SIGTERM, SIGINT by default; SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 when asked) |
+//! | [`SignalAction::Shutdown`] | a graceful shutdown request on [`Shutdown`] (a second signal while it is pending terminates) |
+//! | [`SignalAction::Reload`] | a reload request on [`Reload`], acknowledged to a service manager with `RELOADING=1` … `READY=1` |
+//! | [`SignalAction::Leave`] | nothing installed (SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 by default) |
+//!
+//! ```
+//! use historia_lifecycle::{PidFileGuard, SignalAction, SignalMode};
+//! use nix::libc::SIGHUP;
+//! let dir = tempfile::tempdir()?;
+//! let guard = PidFileGuard::builder(dir.path().join("d.pid"))
+//!     .signals(SignalMode::Graceful)
+//!     .on_signal(SIGHUP, SignalAction::Reload)
+//!     .acquire()?;
+//! # guard.shutdown().request();
+//! while !guard.shutdown().is_requested() {
+//!     if guard.reload().wait_timeout(std::time::Duration::from_millis(100)) {
+//!         let reloading = guard.reload().begin()?;
+//!         // re-read the configuration
+//!         reloading.done()?;
+//!     }
+//! }
+//! guard.close()?;
+//! # Ok::<(), historia_lifecycle::LifecycleError>(())
+//! ```
+//!
+//! The traps, each spelt out on [`SignalMode`]: handlers registered through
+//! signal-hook or tokio coexist with ours (a raw `sigaction(2)` after a
+//! guard replaces them); a signal inherited as ignored (`nohup`, `daemon &`
+//! in a script) stays ignored unless asked for with `on_signal`; after the
+//! last guard the handler stays installed (signal-hook cannot remove one)
+//! but does what the process did before; a forked child never touches its
+//! parent's files.
 //!
 //! # Service managers
 //! The guards are good citizens under systemd (`Type=notify`, `.socket`
@@ -154,7 +195,9 @@ mod pid_guard;
 mod pidfile;
 mod probe;
 mod readiness;
+mod reload;
 mod shutdown;
+mod signal_thread;
 mod signals;
 mod sync;
 mod sys;
@@ -177,8 +220,9 @@ pub use probe::{
     check_singleton, cleanup_socket_file, probe_socket, try_check_singleton, SingletonCheck,
     SocketState,
 };
+pub use reload::{Reload, Reloading};
 pub use shutdown::Shutdown;
-pub use signals::SignalMode;
+pub use signals::{SignalAction, SignalMode};
 
 // The README's and the seed description's snippets run as doctests, so the
 // documented API cannot drift from the crate.

@@ -10,8 +10,10 @@ use crate::error::{FileKind, LifecycleError, Result};
 use crate::notify::{Message, Notifier};
 use crate::pidfile::{claim, Claim, PID_FILE_MODE};
 use crate::readiness::ReadyPipe;
+use crate::reload::Reload;
 use crate::shutdown::Shutdown;
-use crate::signals::{register, Registration, SignalMode};
+use crate::signal_thread::{register, Handles, Registration};
+use crate::signals::{SignalAction, SignalMode, SignalTable};
 
 /// Proof that this process is the one running instance, for a daemon that
 /// needs no Unix socket: it holds the claim on the PID file and the duty to
@@ -72,6 +74,7 @@ pub struct PidFileGuard {
     lock: Option<File>,
     registration: Option<Registration>,
     shutdown: Shutdown,
+    reload: Reload,
     reclaimed_pid_file: bool,
     /// The pipe an [`ensure_running`](crate::ensure_running) spawner waits
     /// on; written once by [`ready`](Self::ready).
@@ -85,7 +88,7 @@ pub struct PidFileGuard {
 pub struct PidFileGuardBuilder {
     pid_path: PathBuf,
     pid_mode: u32,
-    signals: SignalMode,
+    signals: SignalTable,
 }
 
 impl PidFileGuard {
@@ -119,7 +122,7 @@ impl PidFileGuard {
         PidFileGuardBuilder {
             pid_path: pid_path.as_ref().to_path_buf(),
             pid_mode: PID_FILE_MODE,
-            signals: SignalMode::Exit,
+            signals: SignalTable::default(),
         }
     }
 
@@ -152,6 +155,14 @@ impl PidFileGuard {
     /// SIGINT set it; in every mode [`Shutdown::request`] does.
     pub fn shutdown(&self) -> &Shutdown {
         &self.shutdown
+    }
+
+    /// The guard's reload handle: set by a signal whose action is
+    /// [`SignalAction::Reload`] (see [`PidFileGuardBuilder::on_signal`]), and
+    /// by [`Reload::request`]; acknowledged to a service manager with
+    /// [`Reload::begin`].
+    pub fn reload(&self) -> &Reload {
+        &self.reload
     }
 
     /// Tells whoever waits for this daemon to start that it is ready to
@@ -262,9 +273,41 @@ impl Drop for PidFileGuard {
 }
 
 impl PidFileGuardBuilder {
-    /// What SIGTERM and SIGINT do; default [`SignalMode::Exit`].
+    /// What SIGTERM and SIGINT do; default [`SignalMode::Exit`]. Replaces
+    /// what an earlier [`on_signal`](Self::on_signal) set for those two.
     pub fn signals(mut self, mode: SignalMode) -> Self {
-        self.signals = mode;
+        self.signals.set_mode(mode);
+        self
+    }
+
+    /// What `signal` does to this guard: one of SIGTERM, SIGINT, SIGHUP,
+    /// SIGQUIT, SIGUSR1, SIGUSR2 (`nix::libc::SIGHUP`, …). By default SIGTERM
+    /// and SIGINT [`Terminate`](SignalAction::Terminate) and the others are
+    /// left alone; see [`SignalAction`] for what each does and how guards
+    /// asking for different actions combine.
+    ///
+    /// Unlike the [`signals`](Self::signals) shorthand, a signal set here is
+    /// handled even if the process inherited it as ignored (`SIG_IGN`).
+    ///
+    /// ```
+    /// use historia_lifecycle::{PidFileGuard, SignalAction, SignalMode};
+    /// use nix::libc::{SIGHUP, SIGQUIT};
+    /// let dir = tempfile::tempdir()?;
+    /// let guard = PidFileGuard::builder(dir.path().join("d.pid"))
+    ///     .signals(SignalMode::Graceful) // SIGTERM, SIGINT: a shutdown request
+    ///     .on_signal(SIGHUP, SignalAction::Reload)
+    ///     .on_signal(SIGQUIT, SignalAction::Terminate) // files removed, then core
+    ///     .acquire()?;
+    /// # drop(guard);
+    /// # Ok::<(), historia_lifecycle::LifecycleError>(())
+    /// ```
+    ///
+    /// A signal a guard cannot act on (SIGKILL, SIGSEGV, SIGPIPE, …) is
+    /// refused by `acquire` with
+    /// [`LifecycleError::InvalidArgument`](crate::LifecycleError::InvalidArgument),
+    /// before anything on disk changes.
+    pub fn on_signal(mut self, signal: i32, action: SignalAction) -> Self {
+        self.signals.set(signal, action);
         self
     }
 
@@ -313,7 +356,7 @@ impl PidFileGuardBuilder {
 pub(crate) fn claim_only(
     pid_path: &Path,
     pid_mode: u32,
-    signals: SignalMode,
+    signals: SignalTable,
     notifier: Option<Notifier>,
 ) -> Result<PidFileGuard> {
     acquire_with(
@@ -336,11 +379,13 @@ pub(crate) fn claim_only(
 pub(crate) fn acquire_with<T>(
     pid_path: &Path,
     pid_mode: u32,
-    signals: SignalMode,
+    signals: SignalTable,
     notifier: Option<Notifier>,
     under_stale: impl FnMut((u64, u64)) -> Result<bool>,
     then: impl FnOnce(&mut Cleanup, &Claim) -> Result<T>,
 ) -> Result<(PidFileGuard, T)> {
+    // Before anything on disk changes.
+    signals.validate()?;
     let pid = std::process::id();
     let abs_pid = absolute(pid_path, "resolve PID file path")?;
     let claim = claim(pid_path, pid, pid_mode, under_stale)?;
@@ -353,10 +398,16 @@ pub(crate) fn acquire_with<T>(
     });
     let extra = then(&mut rollback, &claim)?;
     let mut cleanup = scopeguard::ScopeGuard::into_inner(rollback);
+    let reload = Reload::new(notifier.clone());
     cleanup.set_notifier(notifier);
     let cleanup = Arc::new(cleanup);
     let shutdown = Shutdown::default();
-    let registration = match register(signals, Arc::clone(&cleanup), shutdown.clone()) {
+    let handles = Handles {
+        cleanup: Arc::clone(&cleanup),
+        shutdown: shutdown.clone(),
+        reload: reload.clone(),
+    };
+    let registration = match register(signals, handles) {
         Ok(r) => r,
         Err(e) => {
             drop(extra);
@@ -373,6 +424,7 @@ pub(crate) fn acquire_with<T>(
         lock: Some(claim.file),
         registration,
         shutdown,
+        reload,
         reclaimed_pid_file: claim.reclaimed,
         ready_pipe: std::sync::Mutex::new(None),
         replaced_pid: claim.stale_pid,

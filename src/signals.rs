@@ -1,53 +1,64 @@
-//! SIGTERM/SIGINT handling for guards: one process-wide self-pipe, one helper
-//! thread (`historia-signal`), and a registry of the live guards.
-//!
-//! The raw handler (installed once through signal-hook, never removed) only
-//! checks `getpid(2)` and writes one byte to a pipe: no allocation, no lock.
-//! The helper thread does the real work in ordinary Rust: run the guards'
-//! [`Cleanup`] and re-raise the signal with its default action, or wake the
-//! graceful guards' [`Shutdown`] handles.
-
-use std::fs::File;
-use std::io::{self, Read};
-use std::os::fd::IntoRawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+//! What each signal does to a guard: [`SignalMode`] (the shorthands for
+//! SIGTERM and SIGINT) and [`SignalAction`] (one signal at a time), kept per
+//! guard in a [`SignalTable`]. The wiring that carries them out (the raw
+//! handler, the helper thread, the registry of live guards) is in
+//! `signal_thread.rs`.
 
 use nix::libc;
 
-use crate::cleanup::Cleanup;
 use crate::error::{LifecycleError, Result};
-use crate::shutdown::Shutdown;
-use crate::sync::lock;
 
-/// What a guard does when the process receives SIGTERM or SIGINT.
+/// What a guard does when the process receives SIGTERM or SIGINT: the
+/// shorthand for [`SignalAction`]s on those two signals.
 ///
-/// Whatever the mode, the handling is installed at most once per process and
-/// shared by all guards: acquiring and dropping guards in a loop adds no
-/// handlers and no threads. A process holds at most one helper thread,
-/// `historia-signal`.
+/// | mode | SIGTERM, SIGINT |
+/// |---|---|
+/// | [`Exit`](Self::Exit) (default) | [`SignalAction::Terminate`] |
+/// | [`Graceful`](Self::Graceful) | [`SignalAction::Shutdown`] |
+/// | [`Off`](Self::Off) | [`SignalAction::Leave`] |
+///
+/// Other signals (SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) are left alone unless
+/// the builder's `on_signal` asks for them. The handling is installed at most
+/// once per process and per signal and shared by all guards: acquiring and
+/// dropping guards in a loop adds no handlers and no threads. A process holds
+/// at most one helper thread, `historia-signal`.
 ///
 /// # Coexisting with your own handlers
-/// The crate registers its action through signal-hook, which chains every
+/// The crate registers its actions through signal-hook, which chains every
 /// action registered for a signal, so actions you register with signal-hook
-/// (`flag::register`, `iterator::Signals`, …) still run. In
-/// [`SignalMode::Exit`] the process then ends, so use
-/// [`SignalMode::Graceful`] (which never ends it) or [`SignalMode::Off`] if
-/// you want to decide yourself. Handlers installed with raw `sigaction`
-/// *after* a guard replace the crate's and signal-hook's; install them first,
-/// or use signal-hook.
+/// or tokio (`tokio::signal::unix::signal`, which uses the same registry),
+/// before or after the guard, still run. With [`SignalAction::Terminate`]
+/// the process then ends, so use [`SignalMode::Graceful`] (which never ends
+/// it on the first signal) or [`SignalMode::Off`] if you want to decide
+/// yourself. Handlers installed with raw `sigaction(2)` *after* a guard
+/// replace the crate's and signal-hook's; install them first, or use
+/// signal-hook.
 ///
-/// Once installed, the action stays for the life of the process. With no guard
-/// alive it emulates the default action (terminate), as if it were not there.
+/// # Inherited "ignored"
+/// A signal that is ignored (`SIG_IGN`) when the first guard installs its
+/// handling stays ignored for the shorthands: `nohup` ignores SIGHUP, and a
+/// non-interactive shell starts `daemon &` with SIGINT and SIGQUIT ignored,
+/// so such a daemon is not killed by a Ctrl-C meant for the shell. An
+/// explicit `on_signal(sig, action)` is installed whatever the inherited
+/// disposition: the daemon asked for it.
 ///
-/// # Other signals
-/// Only SIGTERM and SIGINT are handled. SIGHUP and SIGQUIT keep their
-/// defaults (many daemons use SIGHUP to reload): they end the process without
-/// cleanup, like SIGKILL, and the next start reclaims the files.
+/// # After the last guard
+/// signal-hook never removes a handler (nor restores `SIG_DFL`), so once
+/// installed the crate's handler stays for the life of the process. With no
+/// guard asking for a signal, the handler does what the process did before
+/// it was installed: the default action (the process ends, as by the signal,
+/// with a core dump for SIGQUIT), nothing for a signal that was ignored, and
+/// for an earlier handler, that handler (signal-hook still calls it). What
+/// stays visible: `sigaction(2)` reports a handler, not `SIG_DFL` or
+/// `SIG_IGN`, and so a program this process later `exec`s starts with the
+/// signal's default action where it would have inherited "ignored".
+/// A process with guards still alive that receives a signal none of them
+/// asked for (a handler installed for an earlier guard) removes their files
+/// first when that signal's previous action was to end the process.
 ///
 /// # Across `fork`
 /// A child created with `fork(2)` (without `exec`) inherits the handler but is
-/// not the guard's owner: on SIGTERM/SIGINT it takes the default action and
+/// not the guard's owner: a signal takes the child's previous disposition and
 /// touches none of the parent's files. After `exec`, handlers are reset by
 /// the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -60,190 +71,250 @@ pub enum SignalMode {
     /// syscall.
     #[default]
     Exit,
-    /// Turn SIGTERM/SIGINT into a shutdown request: the guard's [`Shutdown`]
-    /// handle wakes, the daemon drains its work and drops the guard, which
-    /// removes the files. A signal that arrives while a shutdown is already
-    /// requested (by an earlier signal, or by [`Shutdown::request`], e.g. a
-    /// `stop` command) removes the files and ends the process as in
+    /// Turn SIGTERM/SIGINT into a shutdown request: the guard's
+    /// [`Shutdown`](crate::Shutdown) handle wakes, the daemon drains its work
+    /// and drops the guard, which removes the files. A signal that arrives
+    /// while a shutdown is already requested (by an earlier signal, or by
+    /// [`Shutdown::request`](crate::Shutdown::request), e.g. a `stop`
+    /// command) removes the files and ends the process as in
     /// [`SignalMode::Exit`], so a stuck drain can still be interrupted.
     Graceful,
-    /// Install nothing. The files are removed on Drop or
-    /// [`close`](crate::DaemonGuard::close) only; use this when the
+    /// Install nothing for SIGTERM and SIGINT. The files are removed on Drop
+    /// or [`close`](crate::DaemonGuard::close) only; use this when the
     /// application handles signals itself.
     Off,
 }
 
-/// Write end of the self-pipe, read by the raw handler.
-static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
-/// The process the helper thread serves; a forked child sees another PID.
-static OWNER_PID: AtomicI32 = AtomicI32::new(0);
-/// signal-hook actions are registered once per process, and inherited by
-/// forked children.
-static ACTIONS_REGISTERED: AtomicBool = AtomicBool::new(false);
-
-struct Entry {
-    id: u64,
-    mode: SignalMode,
-    cleanup: Arc<Cleanup>,
-    shutdown: Shutdown,
+/// What one signal does to a guard; set with `on_signal` on
+/// [`DaemonGuardBuilder`](crate::DaemonGuardBuilder::on_signal) and
+/// [`PidFileGuardBuilder`](crate::PidFileGuardBuilder::on_signal).
+///
+/// When guards of one process ask for different actions on the same signal,
+/// each gets its own, in this order: every [`Reload`](Self::Reload) guard
+/// is told; then, if any guard asks for [`Shutdown`](Self::Shutdown) and none
+/// of those has a shutdown pending yet, each of them is asked to shut down
+/// and the process goes on (a [`Terminate`](Self::Terminate) guard's files
+/// stay until it is dropped or the process ends); otherwise, if any guard
+/// asks for `Terminate` (or a `Shutdown` guard already had one pending), the
+/// files of every guard in the process are removed and the process ends by
+/// the signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SignalAction {
+    /// Remove the files of every guard in the process, then end the process
+    /// by the signal's default action (status 128 + signal in a shell: 143
+    /// for SIGTERM, 129 for SIGHUP; SIGQUIT also dumps core where enabled).
+    Terminate,
+    /// A graceful shutdown request on the guard's
+    /// [`Shutdown`](crate::Shutdown) handle; a second signal while one is
+    /// pending acts as [`Terminate`](Self::Terminate).
+    Shutdown,
+    /// A reload request on the guard's [`Reload`](crate::Reload) handle
+    /// (SIGHUP by convention: re-read the configuration, reopen log files).
+    Reload,
+    /// Install nothing for this signal on this guard's behalf.
+    Leave,
 }
 
-struct Registry {
-    entries: Vec<Entry>,
-    next_id: u64,
-    /// The PID whose helper thread and pipe are set up; 0 before the first.
-    installed_for: i32,
+/// The signals a guard can act on, in table order. SIGKILL and SIGSTOP cannot
+/// be caught; SIGSEGV, SIGBUS, SIGFPE and SIGILL must not be (the fault would
+/// recur); SIGCHLD, SIGPIPE, SIGALRM and the rest are not requests to a
+/// daemon.
+pub(crate) const SIGNALS: [i32; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// The slot of `sig` in [`SIGNALS`], if it is one a guard can act on.
+pub(crate) fn slot(sig: i32) -> Option<usize> {
+    SIGNALS.iter().position(|&s| s == sig)
 }
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
-    entries: Vec::new(),
-    next_id: 0,
-    installed_for: 0,
-});
-
-/// A guard's place in the registry. [`Registration::unregister`] leaves it;
-/// a registration merely dropped (after `keep()`) leaves it too, after
-/// checking it is not a forked child's copy.
-#[derive(Debug)]
-pub(crate) struct Registration {
-    id: u64,
-    pid: i32,
-}
-
-impl Registration {
-    /// Leaves the registry. `is_owner` is the caller's answer to "is this
-    /// the registering process?", which it already needed for its cleanup: a
-    /// forked child's copy must not edit a registry that is not its own.
-    pub(crate) fn unregister(self, is_owner: bool) {
-        if is_owner {
-            remove_entry(self.id);
-        }
-        std::mem::forget(self);
+/// `SIGTERM` for 15, and so on; `signal N` for the rest.
+pub(crate) fn signal_name(sig: i32) -> String {
+    match signal_hook::low_level::signal_name(sig) {
+        Some(name) => name.to_string(),
+        None => format!("signal {sig}"),
     }
 }
 
-impl Drop for Registration {
-    fn drop(&mut self) {
-        if nix::unistd::getpid().as_raw() == self.pid {
-            remove_entry(self.id);
-        }
+/// A guard's action for each signal in [`SIGNALS`], and which of them were
+/// asked for explicitly (`on_signal`) rather than by a [`SignalMode`]
+/// shorthand: only shorthands defer to an inherited `SIG_IGN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SignalTable {
+    actions: [SignalAction; SIGNALS.len()],
+    explicit: [bool; SIGNALS.len()],
+    /// The first signal `on_signal` was given that a guard cannot act on,
+    /// reported by `acquire` (builder methods do not fail).
+    invalid: Option<i32>,
+}
+
+impl Default for SignalTable {
+    fn default() -> Self {
+        SignalTable::from_mode(SignalMode::Exit)
     }
 }
 
-fn remove_entry(id: u64) {
-    lock(&REGISTRY).entries.retain(|e| e.id != id);
-}
+impl SignalTable {
+    /// The table for a shorthand: SIGTERM and SIGINT per `mode`, the rest
+    /// left alone.
+    pub(crate) fn from_mode(mode: SignalMode) -> Self {
+        let mut table = SignalTable {
+            actions: [SignalAction::Leave; SIGNALS.len()],
+            explicit: [false; SIGNALS.len()],
+            invalid: None,
+        };
+        table.set_mode(mode);
+        table
+    }
 
-/// Adds a guard's cleanup to the signal handling, installing the handler and
-/// the helper thread on first use in this process.
-pub(crate) fn register(
-    mode: SignalMode,
-    cleanup: Arc<Cleanup>,
-    shutdown: Shutdown,
-) -> Result<Option<Registration>> {
-    if mode == SignalMode::Off {
-        return Ok(None);
-    }
-    let pid = cleanup.owner() as i32;
-    let mut reg = lock(&REGISTRY);
-    if reg.installed_for != pid {
-        install(&mut reg, pid).map_err(LifecycleError::Signals)?;
-    }
-    reg.next_id += 1;
-    let id = reg.next_id;
-    reg.entries.push(Entry {
-        id,
-        mode,
-        cleanup,
-        shutdown,
-    });
-    Ok(Some(Registration { id, pid }))
-}
-
-/// Sets up the pipe and helper thread for process `pid` (first use, or first
-/// use in a forked child, whose registry copy holds its parent's guards).
-fn install(reg: &mut Registry, pid: i32) -> io::Result<()> {
-    if reg.installed_for != 0 {
-        // We are a forked child: the parent's guards are not ours. Its pipe's
-        // descriptors are left alone, not closed by number: the child may
-        // have closed them already and reused the numbers for its own files.
-        reg.entries.clear();
-    }
-    let (read, write) = crate::sys::signal_pipe().map_err(io::Error::from)?;
-    std::thread::Builder::new()
-        // 15 bytes: Linux truncates thread names (comm) longer than that.
-        .name("historia-signal".into())
-        .spawn(move || helper(File::from(read)))?;
-    PIPE_WRITE.store(write.into_raw_fd(), Ordering::Release);
-    OWNER_PID.store(pid, Ordering::Release);
-    reg.installed_for = pid;
-    if !ACTIONS_REGISTERED.swap(true, Ordering::AcqRel) {
+    /// Applies a shorthand to SIGTERM and SIGINT, replacing what they had.
+    pub(crate) fn set_mode(&mut self, mode: SignalMode) {
+        let action = match mode {
+            SignalMode::Exit => SignalAction::Terminate,
+            SignalMode::Graceful => SignalAction::Shutdown,
+            SignalMode::Off => SignalAction::Leave,
+        };
         for sig in [libc::SIGTERM, libc::SIGINT] {
-            // SAFETY: `on_signal` is async-signal-safe: it reads atomics and
-            // calls getpid(2), write(2) and signal-hook's async-signal-safe
-            // `emulate_default_handler`. It neither allocates nor locks.
-            unsafe { signal_hook::low_level::register(sig, move || on_signal(sig)) }?;
+            let i = slot(sig).expect("SIGTERM and SIGINT have slots");
+            self.actions[i] = action;
+            self.explicit[i] = false;
         }
     }
-    Ok(())
-}
 
-/// The raw signal action. Runs in signal context.
-fn on_signal(sig: i32) {
-    if nix::unistd::getpid().as_raw() != OWNER_PID.load(Ordering::Acquire) {
-        // A forked child without guards of its own: behave as if we were not
-        // installed.
-        let _ = signal_hook::low_level::emulate_default_handler(sig);
-        return;
-    }
-    let fd = PIPE_WRITE.load(Ordering::Acquire);
-    let byte = sig as u8;
-    // SAFETY: write(2) is async-signal-safe; `byte` outlives the call. A full
-    // pipe (EAGAIN) only drops a duplicate wake-up.
-    unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
-}
-
-/// The helper thread: turns signal bytes into cleanup or shutdown requests.
-fn helper(mut pipe: File) {
-    let mut buf = [0u8; 32];
-    loop {
-        match pipe.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                for &sig in &buf[..n] {
-                    dispatch(i32::from(sig));
-                }
+    /// Sets one signal's action explicitly; an unsupported signal is
+    /// remembered and refused by [`validate`](Self::validate).
+    pub(crate) fn set(&mut self, sig: i32, action: SignalAction) {
+        match slot(sig) {
+            Some(i) => {
+                self.actions[i] = action;
+                self.explicit[i] = true;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
+            None => {
+                self.invalid.get_or_insert(sig);
+            }
         }
+    }
+
+    /// Refuses a table naming a signal a guard cannot act on.
+    pub(crate) fn validate(&self) -> Result<()> {
+        match self.invalid {
+            None => Ok(()),
+            Some(sig) => Err(LifecycleError::InvalidArgument {
+                what: "on_signal",
+                reason: format!(
+                    "{} cannot be handled by a guard; the signals it can act on are \
+                     SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2",
+                    signal_name(sig)
+                ),
+            }),
+        }
+    }
+
+    /// The action for slot `i`.
+    pub(crate) fn action(&self, i: usize) -> SignalAction {
+        self.actions[i]
+    }
+
+    /// Whether slot `i` was set with `on_signal`.
+    pub(crate) fn is_explicit(&self, i: usize) -> bool {
+        self.explicit[i]
+    }
+
+    /// This table with slot `i` left alone (an inherited `SIG_IGN`).
+    pub(crate) fn leaving(mut self, i: usize) -> Self {
+        self.actions[i] = SignalAction::Leave;
+        self
+    }
+
+    /// Whether any signal has an action.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.actions.iter().all(|&a| a == SignalAction::Leave)
     }
 }
 
-fn dispatch(sig: i32) {
-    let reg = lock(&REGISTRY);
-    let mut graceful = reg
-        .entries
-        .iter()
-        .filter(|e| e.mode == SignalMode::Graceful)
-        .peekable();
-    let forced = reg
-        .entries
-        .iter()
-        .any(|e| e.mode == SignalMode::Graceful && e.shutdown.is_requested());
-    if graceful.peek().is_some() && !forced {
-        graceful.for_each(|e| e.shutdown.set(sig));
-        return;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action(t: &SignalTable, sig: i32) -> SignalAction {
+        t.action(slot(sig).unwrap())
     }
-    for e in &reg.entries {
-        // Best effort: the process ends next whatever happens here. The
-        // helper thread only runs in the process that installed it, the
-        // owner of every registered entry.
-        let _ = e.cleanup.run(true);
+
+    #[test]
+    fn modes_set_sigterm_and_sigint_only() {
+        for (mode, want) in [
+            (SignalMode::Exit, SignalAction::Terminate),
+            (SignalMode::Graceful, SignalAction::Shutdown),
+            (SignalMode::Off, SignalAction::Leave),
+        ] {
+            let t = SignalTable::from_mode(mode);
+            assert_eq!(action(&t, libc::SIGTERM), want);
+            assert_eq!(action(&t, libc::SIGINT), want);
+            for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
+                assert_eq!(action(&t, sig), SignalAction::Leave, "{mode:?} {sig}");
+            }
+            assert!(!t.is_explicit(0));
+            assert_eq!(t.is_empty(), mode == SignalMode::Off);
+        }
     }
-    // The registry stays locked while the process dies, so no guard can be
-    // dropped or acquired half-way.
-    let _ = signal_hook::low_level::emulate_default_handler(sig);
-    // Only reached if someone ignores the signal behind our back.
-    std::process::exit(128 + sig);
+
+    #[test]
+    fn on_signal_overrides_and_a_later_mode_overrides_it_back() {
+        let mut t = SignalTable::default();
+        t.set(libc::SIGHUP, SignalAction::Reload);
+        t.set(libc::SIGTERM, SignalAction::Shutdown);
+        assert_eq!(action(&t, libc::SIGHUP), SignalAction::Reload);
+        assert_eq!(action(&t, libc::SIGTERM), SignalAction::Shutdown);
+        assert!(t.is_explicit(slot(libc::SIGTERM).unwrap()));
+        assert_eq!(action(&t, libc::SIGINT), SignalAction::Terminate);
+        t.set_mode(SignalMode::Off);
+        assert_eq!(action(&t, libc::SIGTERM), SignalAction::Leave);
+        assert!(!t.is_explicit(slot(libc::SIGTERM).unwrap()));
+        assert_eq!(action(&t, libc::SIGHUP), SignalAction::Reload);
+        assert!(!t.is_empty());
+        assert!(t.validate().is_ok());
+    }
+
+    #[test]
+    fn signals_a_guard_cannot_act_on_are_refused_by_name() {
+        for sig in [
+            libc::SIGKILL,
+            libc::SIGSTOP,
+            libc::SIGSEGV,
+            libc::SIGCHLD,
+            0,
+            -1,
+            999,
+        ] {
+            let mut t = SignalTable::default();
+            t.set(sig, SignalAction::Terminate);
+            t.set(libc::SIGPIPE, SignalAction::Reload); // only the first is named
+            let err = t.validate().unwrap_err();
+            assert!(matches!(
+                err,
+                LifecycleError::InvalidArgument {
+                    what: "on_signal",
+                    ..
+                }
+            ));
+            let text = err.to_string();
+            assert!(text.contains(&signal_name(sig)), "{text}");
+            assert!(!text.contains("SIGPIPE cannot"), "{text}");
+        }
+        assert_eq!(signal_name(libc::SIGTERM), "SIGTERM");
+        assert_eq!(signal_name(999), "signal 999");
+    }
+
+    #[test]
+    fn leaving_clears_one_slot() {
+        let t = SignalTable::default().leaving(slot(libc::SIGINT).unwrap());
+        assert_eq!(action(&t, libc::SIGINT), SignalAction::Leave);
+        assert_eq!(action(&t, libc::SIGTERM), SignalAction::Terminate);
+    }
 }

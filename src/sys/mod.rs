@@ -197,3 +197,47 @@ mod tests {
         assert_eq!(SUN_PATH_MAX, 103);
     }
 }
+
+/// A signal's disposition before this crate installed a handler for it, as
+/// `sigaction(2)` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Disposition {
+    /// `SIG_DFL`: the signal's default action.
+    Default = 0,
+    /// `SIG_IGN`: inherited as ignored (`nohup`, `cmd &` in a script).
+    Ignore = 1,
+    /// A handler someone installed before us; signal-hook keeps calling it.
+    Handler = 2,
+}
+
+impl Disposition {
+    /// The disposition stored as `code` (`Disposition as u8`).
+    pub(crate) fn from_code(code: u8) -> Self {
+        match code {
+            1 => Disposition::Ignore,
+            2 => Disposition::Handler,
+            _ => Disposition::Default,
+        }
+    }
+}
+
+/// The current disposition of `sig`, read without changing it.
+pub(crate) fn disposition(sig: i32) -> std::io::Result<Disposition> {
+    use nix::libc;
+    // nix's `sigaction` always installs a new action; reading needs libc's
+    // with a null `act`.
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: with a null `act`, sigaction(2) only writes the current action
+    // into `old`, which is large enough for it.
+    if unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: initialised by the successful call (and zeroed before it).
+    let old = unsafe { old.assume_init() };
+    Ok(match old.sa_sigaction {
+        libc::SIG_DFL => Disposition::Default,
+        libc::SIG_IGN => Disposition::Ignore,
+        _ => Disposition::Handler,
+    })
+}
