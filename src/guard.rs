@@ -2,8 +2,10 @@
 //! claim.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::activation::{activated_listener, Activation};
 use crate::cleanup::absolute;
@@ -13,6 +15,7 @@ use crate::notify::Notifier;
 use crate::paths::{check_socket_path, parent_dir};
 use crate::pid_guard::{acquire_with, claim_only, reporting_failure, PidFileGuard};
 use crate::probe::clear_stale_socket;
+use crate::rebind::SocketSlot;
 use crate::reload::Reload;
 use crate::shutdown::Shutdown;
 use crate::signals::{SignalAction, SignalMode, SignalTable};
@@ -104,11 +107,9 @@ pub struct DaemonGuard {
     /// signal registration.
     inner: PidFileGuard,
     socket_path: PathBuf,
-    /// Device and inode of the socket file we bound (re-created by
-    /// [`rebind`](Self::rebind)); `None` for an adopted socket.
-    socket_id: Option<(u64, u64)>,
-    socket_mode: u32,
-    backlog: i32,
+    /// The socket file we bound (re-created by [`rebind`](Self::rebind) and
+    /// by [`SignalAction::Rebind`]) and the descriptor the guard holds.
+    slot: Arc<SocketSlot>,
     reclaimed_socket: bool,
     activated: bool,
 }
@@ -185,7 +186,8 @@ impl DaemonGuard {
     /// Takes the bound listener out of the guard, to move it into a server
     /// loop or an async runtime. The guard still removes the socket file.
     pub fn take_listener(&mut self) -> Option<UnixListener> {
-        self.listener.take()
+        let spare = self.slot.release_held();
+        self.listener.take().or(spare)
     }
 
     /// The PID written to the PID file: this process's.
@@ -262,9 +264,11 @@ impl DaemonGuard {
 
     /// Re-creates the socket if it was deleted while the daemon runs (a tmp
     /// cleaner, an operator's `rm`), under the claim this guard holds, and
-    /// says whether it did. As tmux does on SIGUSR1: a daemon can call it
-    /// from its own signal or timer handling (this crate installs no
-    /// handler for it).
+    /// says whether it did. As tmux does on SIGUSR1: call it from a timer
+    /// or a command, or let a signal do it with
+    /// `.on_signal(SIGUSR1, SignalAction::Rebind)` (see
+    /// [`SignalAction::Rebind`], which also moves the new socket onto the
+    /// listener the guard holds).
     ///
     /// - The socket file this guard bound is still there: nothing to do,
     ///   `Ok(false)`.
@@ -294,41 +298,10 @@ impl DaemonGuard {
     ///   [`LifecycleError::Io`](crate::LifecycleError::Io) when `bind(2)`,
     ///   `listen(2)` or the mode fail.
     pub fn rebind(&mut self) -> Result<bool> {
-        let Some(old) = self.socket_id.filter(|_| !self.activated) else {
-            return Err(crate::LifecycleError::InvalidArgument {
-                what: "rebind",
-                reason: format!(
-                    "the socket {} was passed down by the service manager, which owns it",
-                    self.socket_path.display()
-                ),
-            });
-        };
-        let (mode, backlog) = (self.socket_mode, self.backlog);
-        let made = self.inner.cleanup().remake(old, |abs| {
-            use std::os::unix::fs::{FileTypeExt, MetadataExt};
-            match crate::paths::lstat_opt(abs) {
-                Err(e) => Err(crate::error::io_at("examine socket", abs, e)),
-                Ok(Some(m)) if (m.dev(), m.ino()) == old => Ok(None), // still ours
-                Ok(Some(m)) if m.file_type().is_socket() => {
-                    Err(crate::LifecycleError::SocketInUse {
-                        path: abs.to_path_buf(),
-                        reason: "another socket was put there; left it untouched".into(),
-                    })
-                }
-                Ok(Some(m)) => Err(crate::error::wrong_type(
-                    abs,
-                    crate::FileKind::Socket,
-                    crate::FileKind::of(m.file_type()),
-                )),
-                Ok(None) => {
-                    let (listener, id) = crate::listener::bind_again(abs, mode, backlog)?;
-                    Ok(Some((id, (listener, id))))
-                }
-            }
-        })?;
-        match made {
-            Some((listener, id)) => {
-                self.socket_id = Some(id);
+        match self.slot.rebind(self.inner.cleanup(), &self.socket_path)? {
+            Some(listener) => {
+                self.slot.hold(listener.as_raw_fd());
+                // The old listener (bound to the deleted file) closes here.
                 self.listener = Some(listener);
                 Ok(true)
             }
@@ -366,11 +339,14 @@ impl DaemonGuard {
     /// open. Both descriptors are close-on-exec; clear `FD_CLOEXEC` to pass
     /// them on.
     pub fn keep(mut self) -> (File, Option<UnixListener>) {
-        let listener = self.listener.take();
+        let spare = self.slot.release_held();
+        let listener = self.listener.take().or(spare);
         (self.inner.keep_in_place(), listener)
     }
 
     fn release(&mut self) -> Result<()> {
+        // A signal must not move a socket onto a descriptor we close.
+        drop(self.slot.release_held());
         let listener = &mut self.listener;
         // The listener closes after the files are gone and before the claim
         // is released.
@@ -474,14 +450,25 @@ impl DaemonGuardBuilder {
         // close-on-exec early, and an adopted socket is never probed (under
         // a `.socket` unit a probe would only queue a connection to us).
         if let Some(listener) = self.adopt()? {
-            let inner = claim_only(pid_path, self.pid_mode, self.signals, notifier)?;
+            // Never re-created: the service manager owns the socket.
+            let slot = Arc::new(SocketSlot::new(
+                self.socket_mode,
+                self.backlog,
+                None,
+                listener.as_raw_fd(),
+            ));
+            let inner = claim_only(
+                pid_path,
+                self.pid_mode,
+                self.signals,
+                notifier,
+                Some(Arc::clone(&slot)),
+            )?;
             return Ok(DaemonGuard {
                 listener: Some(listener),
                 inner,
                 socket_path: self.socket_path,
-                socket_id: None,
-                socket_mode: self.socket_mode,
-                backlog: self.backlog,
+                slot,
                 reclaimed_socket: false,
                 activated: true,
             });
@@ -496,7 +483,8 @@ impl DaemonGuardBuilder {
         // provably stale socket, or refuse if someone serves there without
         // the lock (an older version, an unrelated program), touching
         // nothing of theirs. Then, under our own claim, bind.
-        let (inner, (listener, socket_id, reclaimed_socket)) = acquire_with(
+        let (mode, backlog) = (self.socket_mode, self.backlog);
+        let (inner, (listener, slot, reclaimed_socket)) = acquire_with(
             pid_path,
             self.pid_mode,
             self.signals,
@@ -512,17 +500,17 @@ impl DaemonGuardBuilder {
             |cleanup, claim| {
                 let (listener, id, reclaimed) =
                     bind_claimed(spec, pid_path, claim.dev_ino, cleanup)?;
-                Ok((listener, id, reclaimed || claim.stale_work))
+                let slot = SocketSlot::new(mode, backlog, Some(id), listener.as_raw_fd());
+                Ok((listener, Arc::new(slot), reclaimed || claim.stale_work))
             },
+            |(_, slot, _)| Some(Arc::clone(slot)),
         )?;
         Ok(DaemonGuard {
             reclaimed_socket,
             listener: Some(listener),
             inner,
             socket_path: self.socket_path,
-            socket_id: Some(socket_id),
-            socket_mode: self.socket_mode,
-            backlog: self.backlog,
+            slot,
             activated: false,
         })
     }

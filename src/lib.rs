@@ -57,6 +57,7 @@
 //! | [`SignalAction::Terminate`] | remove every guard's files, then end the process by the signal (SIGTERM, SIGINT by default; SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 when asked) |
 //! | [`SignalAction::Shutdown`] | a graceful shutdown request on [`Shutdown`] (a second signal while it is pending terminates) |
 //! | [`SignalAction::Reload`] | a reload request on [`Reload`], acknowledged to a service manager with `RELOADING=1` … `READY=1` |
+//! | [`SignalAction::Rebind`] | re-create the socket if it was deleted (tmux's SIGUSR1), onto the listener the guard holds |
 //! | [`SignalAction::Leave`] | nothing installed (SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 by default) |
 //!
 //! ```
@@ -195,6 +196,7 @@ mod pid_guard;
 mod pidfile;
 mod probe;
 mod readiness;
+mod rebind;
 mod reload;
 mod shutdown;
 mod signal_thread;

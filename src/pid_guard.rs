@@ -10,6 +10,7 @@ use crate::error::{FileKind, LifecycleError, Result};
 use crate::notify::{Message, Notifier};
 use crate::pidfile::{claim, Claim, PID_FILE_MODE};
 use crate::readiness::ReadyPipe;
+use crate::rebind::SocketSlot;
 use crate::reload::Reload;
 use crate::shutdown::Shutdown;
 use crate::signal_thread::{register, Handles, Registration};
@@ -345,8 +346,11 @@ impl PidFileGuardBuilder {
     /// As [`PidFileGuard::acquire`].
     #[must_use = "the claim is released as soon as the guard is dropped"]
     pub fn acquire(self) -> Result<PidFileGuard> {
+        if self.signals.rebinds() {
+            return Err(crate::signals::rebind_needs_a_socket());
+        }
         reporting_failure(|notifier| {
-            claim_only(&self.pid_path, self.pid_mode, self.signals, notifier)
+            claim_only(&self.pid_path, self.pid_mode, self.signals, notifier, None)
         })
     }
 }
@@ -358,6 +362,7 @@ pub(crate) fn claim_only(
     pid_mode: u32,
     signals: SignalTable,
     notifier: Option<Notifier>,
+    socket: Option<Arc<SocketSlot>>,
 ) -> Result<PidFileGuard> {
     acquire_with(
         pid_path,
@@ -366,6 +371,7 @@ pub(crate) fn claim_only(
         notifier,
         |_| Ok(false),
         |_, _| Ok(()),
+        |()| socket,
     )
     .map(|(g, ())| g)
 }
@@ -374,7 +380,8 @@ pub(crate) fn claim_only(
 /// runs `under_stale` under each dead holder's lock (see
 /// [`claim`]), then `then` under our own claim, which may add files to the
 /// cleanup (the socket it binds) and returns what the front door needs (its
-/// listener). If `then` or the signal set-up fails, or anything panics,
+/// listener); `socket` names, from that, the socket a
+/// [`SignalAction::Rebind`] re-creates. If `then` or the signal set-up fails, or anything panics,
 /// every file listed so far is removed again before the error returns.
 pub(crate) fn acquire_with<T>(
     pid_path: &Path,
@@ -383,6 +390,7 @@ pub(crate) fn acquire_with<T>(
     notifier: Option<Notifier>,
     under_stale: impl FnMut((u64, u64)) -> Result<bool>,
     then: impl FnOnce(&mut Cleanup, &Claim) -> Result<T>,
+    socket: impl FnOnce(&T) -> Option<Arc<SocketSlot>>,
 ) -> Result<(PidFileGuard, T)> {
     // Before anything on disk changes.
     signals.validate()?;
@@ -406,6 +414,7 @@ pub(crate) fn acquire_with<T>(
         cleanup: Arc::clone(&cleanup),
         shutdown: shutdown.clone(),
         reload: reload.clone(),
+        socket: socket(&extra),
     };
     let registration = match register(signals, handles) {
         Ok(r) => r,

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::cleanup::Cleanup;
 use crate::error::{LifecycleError, Result};
+use crate::rebind::SocketSlot;
 use crate::reload::Reload;
 use crate::shutdown::Shutdown;
 use crate::signals::{slot, SignalAction, SignalTable, SIGNALS};
@@ -43,6 +44,7 @@ struct Entry {
     cleanup: Arc<Cleanup>,
     shutdown: Shutdown,
     reload: Reload,
+    socket: Option<Arc<SocketSlot>>,
 }
 
 struct Registry {
@@ -104,6 +106,9 @@ pub(crate) struct Handles {
     pub(crate) cleanup: Arc<Cleanup>,
     pub(crate) shutdown: Shutdown,
     pub(crate) reload: Reload,
+    /// The socket a [`SignalAction::Rebind`] re-creates; `None` for a guard
+    /// without one.
+    pub(crate) socket: Option<Arc<SocketSlot>>,
 }
 
 /// Adds a guard to the signal handling: installs the helper thread on first
@@ -116,6 +121,9 @@ pub(crate) struct Handles {
 /// guard only installs what is missing.
 pub(crate) fn register(table: SignalTable, handles: Handles) -> Result<Option<Registration>> {
     table.validate()?;
+    if table.rebinds() && handles.socket.is_none() {
+        return Err(crate::signals::rebind_needs_a_socket());
+    }
     if table.is_empty() {
         return Ok(None);
     }
@@ -155,6 +163,7 @@ pub(crate) fn register(table: SignalTable, handles: Handles) -> Result<Option<Re
         cleanup: handles.cleanup,
         shutdown: handles.shutdown,
         reload: handles.reload,
+        socket: handles.socket,
     });
     Ok(Some(Registration { id, pid }))
 }
@@ -281,6 +290,12 @@ fn dispatch(sig: i32) {
                 forced |= e.shutdown.is_requested();
             }
             SignalAction::Terminate => terminate = true,
+            SignalAction::Rebind => {
+                if let Some(socket) = &e.socket {
+                    socket.rebind_from_signal(&e.cleanup);
+                }
+                asked = true;
+            }
             SignalAction::Leave => {}
         }
     }
@@ -293,7 +308,7 @@ fn dispatch(sig: i32) {
         return;
     }
     if !terminate && !forced && (asked || previous(i) != Disposition::Default) {
-        // Reload only; or no guard asked for the signal and it did not end
+        // Reload or rebind only; or no guard asked for the signal and it did not end
         // the process before us (ignored, or a handler signal-hook calls).
         return;
     }

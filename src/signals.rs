@@ -112,6 +112,27 @@ pub enum SignalAction {
     /// A reload request on the guard's [`Reload`](crate::Reload) handle
     /// (SIGHUP by convention: re-read the configuration, reopen log files).
     Reload,
+    /// Re-create the socket if it was deleted while the daemon runs (a tmp
+    /// cleaner, an operator's `rm`), as tmux does on SIGUSR1: what
+    /// [`DaemonGuard::rebind`](crate::DaemonGuard::rebind) does, from the
+    /// signal thread, with the new socket moved onto the listener
+    /// descriptor the guard holds, so an accept loop on
+    /// [`DaemonGuard::listener`](crate::DaemonGuard::listener) serves it
+    /// without knowing. Only for a [`DaemonGuard`](crate::DaemonGuard) that
+    /// bound its socket; see `rebind` for what is never replaced.
+    ///
+    /// # The accept loop sees one error
+    /// An `accept(2)` blocked on the old socket when the signal arrives
+    /// returns `EINVAL` once (the old socket is shut down to wake it); the
+    /// next call on the same descriptor accepts on the new socket. Write the
+    /// loop to go on after an error (`for s in listener.incoming() { let
+    /// Ok(s) = s else { continue }; … }`), not to end. After
+    /// [`take_listener`](crate::DaemonGuard::take_listener) (or a copy
+    /// made with `try_clone`) the guard does not know the descriptor: the
+    /// signal then only re-creates the file, and the next `take_listener`
+    /// hands out the new listener. Errors are not reported (a signal has no
+    /// caller); call `rebind()` to see them.
+    Rebind,
     /// Install nothing for this signal on this guard's behalf.
     Leave,
 }
@@ -152,6 +173,14 @@ pub(crate) struct SignalTable {
     /// The first signal `on_signal` was given that a guard cannot act on,
     /// reported by `acquire` (builder methods do not fail).
     invalid: Option<i32>,
+}
+
+/// Why [`SignalAction::Rebind`] is refused for a guard without a socket.
+pub(crate) fn rebind_needs_a_socket() -> LifecycleError {
+    LifecycleError::InvalidArgument {
+        what: "on_signal",
+        reason: "SignalAction::Rebind re-creates a socket: only a DaemonGuard has one".into(),
+    }
 }
 
 impl Default for SignalTable {
@@ -230,6 +259,11 @@ impl SignalTable {
     pub(crate) fn leaving(mut self, i: usize) -> Self {
         self.actions[i] = SignalAction::Leave;
         self
+    }
+
+    /// Whether any signal asks for [`SignalAction::Rebind`].
+    pub(crate) fn rebinds(&self) -> bool {
+        self.actions.contains(&SignalAction::Rebind)
     }
 
     /// Whether any signal has an action.

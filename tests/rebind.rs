@@ -18,7 +18,7 @@ use common::{
     assert_absent, builder_from_env, child_main, paths, read_stdin_line, report, snapshot,
     ChildProc,
 };
-use historia_lifecycle::{DaemonGuard, LifecycleError, SignalMode};
+use historia_lifecycle::{DaemonGuard, LifecycleError, PidFileGuard, SignalAction, SignalMode};
 use nix::sys::signal::Signal;
 use serial_test::serial;
 
@@ -26,6 +26,8 @@ use serial_test::serial;
 fn child_process_entry() {
     child_main(|role| match role {
         "serve" => role_serve(),
+        "serve-loop" => role_serve_loop(),
+        "taken" => role_taken(),
         other => panic!("unknown child role {other:?}"),
     });
 }
@@ -47,6 +49,46 @@ fn role_serve() {
         }
     }
     drop(guard);
+}
+
+/// `on_signal(SIGUSR1, Rebind)`, then a plain accept loop on
+/// `guard.listener()` in the main thread that answers every connection with
+/// "hello <pid>" and goes on after an error (as the docs say to write it).
+fn role_serve_loop() {
+    let guard = builder_from_env()
+        .on_signal(nix::libc::SIGUSR1, SignalAction::Rebind)
+        .acquire()
+        .expect("acquire");
+    report("READY");
+    let me = std::process::id();
+    for stream in guard.listener().unwrap().incoming() {
+        let Ok(mut s) = stream else { continue };
+        let _ = writeln!(s, "hello {me}");
+    }
+}
+
+/// `on_signal(SIGUSR1, Rebind)` with the listener taken out of the guard:
+/// `take` reports whether `take_listener()` gives one (and serves one
+/// connection on it).
+fn role_taken() {
+    let mut guard = builder_from_env()
+        .on_signal(nix::libc::SIGUSR1, SignalAction::Rebind)
+        .acquire()
+        .expect("acquire");
+    let first = guard.take_listener().expect("the bound listener");
+    report("READY");
+    while let Some(cmd) = read_stdin_line() {
+        assert_eq!(cmd, "take");
+        match guard.take_listener() {
+            Some(l) => {
+                report("TAKEN");
+                let (mut s, _) = l.accept().expect("accept");
+                writeln!(s, "pong").unwrap();
+            }
+            None => report("NONE"),
+        }
+    }
+    drop(first);
 }
 
 fn outcome(r: Result<bool, LifecycleError>) -> String {
@@ -156,4 +198,125 @@ fn cleanup_after_rebind_removes_only_the_socket_it_bound_last() {
     g.close().unwrap();
     assert_eq!(snapshot(&p.sock), before);
     assert_absent(&[&p.pid]);
+}
+
+/// Waits until the re-created socket listens (connect(2) neither finds
+/// nothing nor is refused between bind(2) and listen(2)); a connection made
+/// here only waits in the backlog and is answered or dropped.
+///
+/// Then [`hello`] connects and reads one line, with a bound: `None` when nothing answers
+/// (connect refused or missing, or no reply within 2 s).
+fn hello(sock: &std::path::Path) -> Option<String> {
+    let stream = UnixStream::connect(sock).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    (!line.is_empty()).then_some(line)
+}
+
+/// tmux's SIGUSR1, opted in with `on_signal(SIGUSR1, SignalAction::Rebind)`:
+/// after the socket file is deleted nobody can connect; SIGUSR1 re-creates
+/// it and the daemon's unchanged accept loop (blocked in accept(2) on the
+/// old socket when the signal came) answers on it. A file someone else put
+/// there meanwhile is never replaced, and the daemon lives on. SIGTERM then
+/// removes the new socket and the PID file.
+#[test]
+#[serial]
+fn sigusr1_rebinds_a_deleted_socket_and_the_accept_loop_serves_it() {
+    let p = paths();
+    let mut d = p.child("serve-loop").spawn();
+    assert_eq!(d.expect_line(), "READY");
+    let want = format!("hello {}\n", d.pid());
+    assert_eq!(hello(&p.sock).as_deref(), Some(want.as_str()));
+
+    // A file in the way: left alone, the daemon unharmed.
+    std::fs::remove_file(&p.sock).unwrap();
+    std::fs::write(&p.sock, "not yours").unwrap();
+    let before = snapshot(&p.sock);
+    d.signal(Signal::SIGUSR1);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(snapshot(&p.sock), before);
+    assert!(!d.has_exited());
+
+    std::fs::remove_file(&p.sock).unwrap();
+    assert_eq!(hello(&p.sock), None, "deleted: unreachable");
+    d.signal(Signal::SIGUSR1);
+    wait_for(|| UnixStream::connect(&p.sock).is_ok());
+    assert_eq!(hello(&p.sock).as_deref(), Some(want.as_str()));
+    // Again: the loop keeps serving across rebinds.
+    std::fs::remove_file(&p.sock).unwrap();
+    d.signal(Signal::SIGUSR1);
+    wait_for(|| UnixStream::connect(&p.sock).is_ok());
+    assert_eq!(hello(&p.sock).as_deref(), Some(want.as_str()));
+
+    d.signal(Signal::SIGTERM);
+    d.wait_signaled(Signal::SIGTERM);
+    assert_absent(&[&p.sock, &p.pid]);
+}
+
+/// With the listener taken out of the guard, SIGUSR1 still re-creates the
+/// file, and the next `take_listener()` hands out the new listener.
+#[test]
+#[serial]
+fn sigusr1_after_take_listener_hands_the_new_listener_out() {
+    let p = paths();
+    let mut d = p.child("taken").spawn();
+    assert_eq!(d.expect_line(), "READY");
+    d.send_line("take");
+    assert_eq!(d.expect_line(), "NONE");
+    std::fs::remove_file(&p.sock).unwrap();
+    d.signal(Signal::SIGUSR1);
+    // One connection only: the daemon accepts exactly one on the new
+    // listener. Retried while the socket is not there or not listening yet.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stream = loop {
+        match UnixStream::connect(&p.sock) {
+            Ok(s) => break s,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    d.send_line("take");
+    assert_eq!(d.expect_line(), "TAKEN");
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    assert_eq!(line, "pong\n");
+    d.close_stdin();
+    d.wait_success();
+    assert_absent(&[&p.sock, &p.pid]);
+}
+
+/// `SignalAction::Rebind` needs a socket: a PID-file guard refuses it
+/// before anything on disk changes.
+#[test]
+fn rebind_on_a_pid_file_guard_is_refused_before_anything_changes() {
+    let p = paths();
+    let e = PidFileGuard::builder(&p.pid)
+        .on_signal(nix::libc::SIGUSR1, SignalAction::Rebind)
+        .acquire()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LifecycleError::InvalidArgument {
+                what: "on_signal",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(std::fs::read_dir(p.dir.path()).unwrap().count(), 0);
+}
+
+fn wait_for(done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the socket never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }

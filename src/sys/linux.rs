@@ -3,7 +3,7 @@
 //! same items for every other Unix.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -204,4 +204,14 @@ pub(crate) fn flock_holder_key(major: u64, minor: u64, ino: u64) -> Result<Optio
         }
     }
     Ok(None)
+}
+
+/// `dup3(2)` with `O_CLOEXEC`: `target` becomes a close-on-exec copy of
+/// `fd`, atomically.
+pub(crate) fn dup_cloexec_onto(fd: RawFd, target: RawFd) -> std::io::Result<()> {
+    // SAFETY: dup3(2) on descriptors the caller vouches for.
+    if unsafe { nix::libc::dup3(fd, target, nix::libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -241,3 +241,33 @@ pub(crate) fn disposition(sig: i32) -> std::io::Result<Disposition> {
         _ => Disposition::Handler,
     })
 }
+
+/// Makes descriptor `target` (a listening socket) refer to the socket `new`
+/// instead, keeping its number and `FD_CLOEXEC`, then shuts the old socket
+/// down so an `accept(2)` blocked on it returns (`EINVAL` on Linux) and the
+/// next one on `target` takes the new socket's connections.
+pub(crate) fn replace_listener(
+    new: std::os::fd::BorrowedFd<'_>,
+    target: std::os::fd::RawFd,
+) -> std::io::Result<()> {
+    use nix::libc;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    // A second reference to the old socket, to shut it down once `target`
+    // no longer names it.
+    // SAFETY: fcntl(2) F_DUPFD_CLOEXEC on a descriptor the caller vouches
+    // for; the result is a fresh descriptor we own.
+    let old =
+        unsafe { OwnedFd::from_raw_fd(check(libc::fcntl(target, libc::F_DUPFD_CLOEXEC, 0))?) };
+    imp::dup_cloexec_onto(new.as_raw_fd(), target)?;
+    // SAFETY: shutdown(2) on the descriptor we own. Best effort: the old
+    // socket's file is gone already, so nobody can connect to it anyway.
+    unsafe { libc::shutdown(old.as_raw_fd(), libc::SHUT_RDWR) };
+    Ok(())
+}

@@ -3,7 +3,7 @@
 //! the same items as `linux.rs`.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -101,4 +101,17 @@ pub(crate) fn process_has_open(_pid: u32, _dev_ino: (u64, u64)) -> Option<bool> 
 /// No `/proc/locks` here; the caller uses a trial lock.
 pub(crate) fn flock_holder(_file: &File) -> Result<Option<u32>, ()> {
     Err(())
+}
+
+/// `dup2(2)`, then `FD_CLOEXEC` (macOS and the BSDs before dup3: a `fork`
+/// plus `exec` in another thread in between could inherit `target`).
+pub(crate) fn dup_cloexec_onto(fd: RawFd, target: RawFd) -> std::io::Result<()> {
+    use nix::libc;
+    // SAFETY: dup2(2) and fcntl(2) on descriptors the caller vouches for.
+    unsafe {
+        if libc::dup2(fd, target) < 0 || libc::fcntl(target, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
