@@ -143,6 +143,7 @@ mod activation;
 mod chmod;
 mod cleanup;
 mod client;
+mod daemonize;
 mod error;
 mod guard;
 mod holder;
@@ -163,6 +164,7 @@ pub use activation::{activated_listener, Activation};
 pub use client::{
     ensure_running, signal_daemon, stop, wait_for_exit, Connection, Launcher, Started, Stopped,
 };
+pub use daemonize::{Daemonize, DEFAULT_START_TIMEOUT, DEFAULT_UMASK, EXIT_START_FAILED};
 pub use error::{FileKind, LifecycleError, Result};
 pub use guard::{DaemonGuard, DaemonGuardBuilder, DEFAULT_BACKLOG, DEFAULT_SOCKET_MODE};
 pub use info::DaemonInfo;

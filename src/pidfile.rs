@@ -372,6 +372,81 @@ pub(crate) fn claim(
     ))
 }
 
+/// Puts a fresh PID file for `pid` over the one at `pid_path` (absolute),
+/// which the caller holds the claim on (`old`, its device and inode), so the
+/// claim passes to `pid` with no gap: the hand-over to a forked child.
+///
+/// The new file gets the PID, `mode` and an exclusive flock before it has
+/// its final name (a temp file beside the PID file, `O_EXCL|O_CLOEXEC`),
+/// and then replaces the old one in one step. At every instant the path
+/// names a complete file locked by a live process: the old inode stays
+/// locked by the caller's descriptors until they are closed, the new one by
+/// the returned [`File`]. A reader sees the old file or the new one, never
+/// a torn one, and a racer gets [`LifecycleError::AlreadyRunning`] from
+/// either.
+///
+/// On Linux the replacement is `renameat2(2)`'s `RENAME_EXCHANGE`, so what
+/// was at the path is checked *after* the swap: if it was not `old` (an
+/// operator put another file there), the swap is undone and the call fails,
+/// leaving their file in place. Elsewhere (and on filesystems without the
+/// flag) the path is checked, then `rename(2)`d over: the tiny window of
+/// any check-then-rename.
+pub(crate) fn replace_claimed(
+    pid_path: &Path,
+    pid: u32,
+    mode: u32,
+    old: (u64, u64),
+) -> Result<(File, (u64, u64))> {
+    let tmp = temp_file_beside(pid_path, pid)?;
+    tmp.as_file()
+        .try_lock()
+        .map_err(|e| io_at("lock new PID file", pid_path, io::Error::from(e)))?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_at("set mode of new PID file", pid_path, e))?;
+    let meta = tmp
+        .as_file()
+        .metadata()
+        .map_err(|e| io_at("examine new PID file", pid_path, e))?;
+    let ours = (meta.dev(), meta.ino());
+    let changed = || {
+        io_at(
+            "hand over PID file",
+            pid_path,
+            io::Error::other("it is no longer the file this guard wrote; left it untouched"),
+        )
+    };
+    match crate::sys::exchange(tmp.path(), pid_path) {
+        Ok(true) => {
+            // The temp name now holds what was at the PID path.
+            let (file, tmp_path) = tmp.into_parts();
+            let tmp_path = tmp_path
+                .keep()
+                .map_err(|e| io_at("keep temp file", pid_path, e.error))?;
+            if dev_ino(&tmp_path) == Some(old) {
+                remove_if_same(&tmp_path, old, "remove the old PID file")?;
+                return Ok((file, ours));
+            }
+            // Someone else's file was there: give it its place back.
+            let undo = crate::sys::exchange(&tmp_path, pid_path);
+            let _ = remove_if_same(&tmp_path, ours, "remove new PID file");
+            undo.map_err(|e| io_at("restore PID file", pid_path, e))?;
+            Err(changed())
+        }
+        Ok(false) => {
+            if dev_ino(pid_path) != Some(old) {
+                return Err(changed());
+            }
+            tmp.persist(pid_path)
+                .map(|file| (file, ours))
+                .map_err(|e| io_at("rename new PID file over", pid_path, e.error))
+        }
+        // The temp file is removed on drop.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(changed()),
+        Err(e) => Err(io_at("hand over PID file", pid_path, e)),
+    }
+}
+
 /// A complete PID file for this process that is not yet at its path.
 enum Fresh {
     /// Linux `O_TMPFILE`: no name at all until placed, so a crash leaves

@@ -102,3 +102,15 @@ pub(crate) fn process_has_open(_pid: u32, _dev_ino: (u64, u64)) -> Option<bool> 
 pub(crate) fn flock_holder(_file: &File) -> Result<Option<u32>, ()> {
     Err(())
 }
+
+/// No exchanging rename here (macOS's `renamex_np` is not used): the caller
+/// checks the path, then `rename(2)`s over it.
+pub(crate) fn exchange(_a: &Path, _b: &Path) -> std::io::Result<bool> {
+    Ok(false)
+}
+
+/// No portable way to list a process's threads: `None`, and daemonize's
+/// "no other threads" rule is documented, not checked.
+pub(crate) fn other_threads() -> Option<Vec<String>> {
+    None
+}
