@@ -389,6 +389,7 @@ impl PidFileGuard {
         loop {
             if names_child() {
                 self.leave_to_child();
+                self.lock = None; // our copy only: the child's keeps the lock
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -406,6 +407,7 @@ impl PidFileGuard {
                 // removed its file: our inode is gone from the path then.
                 if names_child() || crate::paths::dev_ino(&self.pid_abs) != ours {
                     self.leave_to_child();
+                    self.lock = None;
                     return Ok(());
                 }
                 return Err(exited());
@@ -416,14 +418,15 @@ impl PidFileGuard {
 
     /// The original side of a fork that hands the claim on: disarms cleanup
     /// and signals in this process's memory only (the child's copy stays
-    /// armed) and closes this copy of the lock's descriptor, which never
-    /// unlocks a flock shared with the child.
+    /// armed). The lock's descriptor stays open: closing it would never
+    /// unlock a flock shared with the child, and while it is open
+    /// `running_pid` can name this live process, which the file still names
+    /// until the child took over.
     pub(crate) fn leave_to_child(&mut self) {
         self.cleanup.disarm();
         if let Some(r) = self.registration.take() {
             r.unregister(true);
         }
-        self.lock = None;
     }
 
     /// A guard acquired with [`SignalMode::Off`] so that no thread runs

@@ -193,13 +193,39 @@ pub fn cleanup_pid_file(pid_path: &Path) -> Result<()> {
 /// # Ok::<(), LifecycleError>(())
 /// ```
 pub fn running_pid(pid_path: &Path) -> Result<Option<u32>> {
-    let Some(mut file) = open_pid_file(pid_path)? else {
-        return Ok(None);
+    // A file replaced while we looked at it (a claim handed to a forked
+    // child renames a new one over the old) may already have lost its
+    // holders: an answer of "nobody" or "unknown" about it says nothing
+    // about the file now at the path, so look again at that one.
+    let mut answer = running_pid_once(pid_path)?;
+    for _ in 0..8 {
+        match answer {
+            (Ok(None) | Err(LifecycleError::HolderUnknown { .. }), Some(id))
+                if dev_ino(pid_path) != Some(id) =>
+            {
+                answer = running_pid_once(pid_path)?;
+            }
+            _ => break,
+        }
+    }
+    answer.0
+}
+
+/// One look for [`running_pid`]: the answer about the file that was at the
+/// path, and that file's device and inode (`None` when there was none).
+fn running_pid_once(pid_path: &Path) -> Result<(Result<Option<u32>>, Option<(u64, u64)>)> {
+    let Some(file) = open_pid_file(pid_path)? else {
+        return Ok((Ok(None), None));
     };
     let meta = file
         .metadata()
         .map_err(|e| io_at("examine PID file", pid_path, e))?;
     let id = (meta.dev(), meta.ino());
+    Ok((holder_of(file, id, pid_path), Some(id)))
+}
+
+/// Who holds the claim on the open PID file `file` (`id`, at `pid_path`).
+fn holder_of(mut file: File, id: (u64, u64), pid_path: &Path) -> Result<Option<u32>> {
     let unknown = || {
         Err(LifecycleError::HolderUnknown {
             path: pid_path.to_path_buf(),
