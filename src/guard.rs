@@ -71,8 +71,10 @@ pub const DEFAULT_BACKLOG: i32 = 128;
 ///
 /// # Ownership rules
 /// Cleanup removes a file only if both hold:
-/// - it runs in the process that acquired the guard: a `fork(2)`ed child
-///   that drops its copy removes nothing and keeps the parent's claim;
+/// - it runs in the process that acquired the guard, or the `fork(2)`ed
+///   child it was handed to ([`take_over_after_fork`](Self::take_over_after_fork)):
+///   any other forked child that drops its copy removes nothing and keeps
+///   the parent's claim;
 /// - the path still names the inode the guard created (same device and
 ///   inode): if an operator deleted the files and a newer instance took the
 ///   paths, its files are left alone.

@@ -147,7 +147,9 @@ pub fn cleanup_pid_file(pid_path: &Path) -> Result<()> {
 /// other platforms), a shared trial `flock(2)` tells whether the claim is
 /// held, and the PID comes from the file, checked the same way on Linux.
 /// For the instant of that trial lock, an `acquire` racing it could be
-/// refused.
+/// refused. A PID file replaced while it looks (a claim handed to a forked
+/// child renames a new file over the old one) is looked at again, so a
+/// hand-over never reads as "not running".
 ///
 /// # PID namespaces (containers)
 /// - Looking into a child namespace (the host, a container's daemon): the
@@ -211,9 +213,12 @@ pub fn running_pid(pid_path: &Path) -> Result<Option<u32>> {
     answer.0
 }
 
-/// One look for [`running_pid`]: the answer about the file that was at the
-/// path, and that file's device and inode (`None` when there was none).
-fn running_pid_once(pid_path: &Path) -> Result<(Result<Option<u32>>, Option<(u64, u64)>)> {
+/// What one look found: the answer about the file that was at the path, and
+/// that file's device and inode (`None` when there was none).
+type Look = (Result<Option<u32>>, Option<(u64, u64)>);
+
+/// One look for [`running_pid`].
+fn running_pid_once(pid_path: &Path) -> Result<Look> {
     let Some(file) = open_pid_file(pid_path)? else {
         return Ok((Ok(None), None));
     };
