@@ -185,7 +185,6 @@ pub(crate) fn daemonize<G>(
     acquire: impl FnOnce() -> Result<G>,
     inner: impl Fn(&mut G) -> &mut PidFileGuard,
 ) -> Result<G> {
-    refuse_other_threads()?;
     for &fd in &options.keep_fds {
         if fd <= 2 || crate::sys::fd_flags(fd).is_none() {
             return Err(LifecycleError::InvalidArgument {
@@ -201,6 +200,7 @@ pub(crate) fn daemonize<G>(
             });
         }
     }
+    refuse_other_threads()?;
     let null = OpenOptions::new()
         .read(true)
         .write(true)
@@ -456,18 +456,10 @@ mod tests {
                 |g| g,
             )
             .unwrap_err();
-            // The unit-test harness runs threads, so the thread check may
-            // refuse first; either way nothing was acquired.
-            assert!(
-                matches!(
-                    e,
-                    LifecycleError::InvalidArgument {
-                        what: "daemonize",
-                        ..
-                    }
-                ),
-                "{e:?}"
-            );
+            let LifecycleError::InvalidArgument { reason, .. } = &e else {
+                panic!("{e:?}")
+            };
+            assert!(reason.starts_with(&format!("keep_fd({fd})")), "{reason}");
             assert!(!acquired.get());
         }
     }
