@@ -76,6 +76,7 @@ fn main() {
     let code = match parse_args(
         std::env::args_os().skip(1),
         &["status", "ping", "stop", "start", "restart"],
+        false,
     ) {
         Ok(None) => {
             println!("{USAGE}");
@@ -89,6 +90,7 @@ fn main() {
             word: Some(command),
             socket,
             pid,
+            ..
         })) => match resolve_paths(socket, pid, false) {
             Ok((socket, pid)) => match command.as_str() {
                 "status" => status(&socket, &pid),

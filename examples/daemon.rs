@@ -1,10 +1,13 @@
-//! A small foreground daemon built on `historia-lifecycle`: one instance at a
-//! time, a PID file that `start-stop-daemon` trusts, recovery after SIGKILL,
-//! and graceful shutdown on SIGTERM, SIGINT (Ctrl-C) or a `stop` command.
+//! A small daemon built on `historia-lifecycle`: one instance at a time, a
+//! PID file that `start-stop-daemon` trusts, recovery after SIGKILL, and
+//! graceful shutdown on SIGTERM, SIGINT (Ctrl-C) or a `stop` command. It runs
+//! in the foreground (as a service manager wants it), or with `--daemonize`
+//! detaches as daemon(7) describes and returns once it serves.
 //!
 //! ```text
 //! cargo run --example daemon                      # default paths, see --help
 //! cargo run --example daemon -- --socket /tmp/d/daemon.sock --pid /tmp/d/daemon.pid
+//! cargo run --example daemon -- --daemonize --log /tmp/d/daemon.log
 //! cargo run --example ctl -- status|ping|stop     # talk to it
 //! ```
 //!
@@ -15,19 +18,22 @@
 //!
 //! Exit status: 0 after `stop`, 128+N after signal N (143 for SIGTERM, 130
 //! for SIGINT), 3 when another instance is already running, 2 for a bad
-//! command line, 1 for any other error.
+//! command line, 1 for any other error. With `--daemonize` the command
+//! returns 0 once the daemon is ready, 3 when another instance runs, 1 when
+//! the daemon could not start (the reason on stderr).
 
 use std::error::Error;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use historia_lifecycle::{
-    probe_socket, running_pid, DaemonGuard, LifecycleError, Shutdown, SignalMode, SocketState,
+    probe_socket, running_pid, DaemonGuard, Daemonize, LifecycleError, Shutdown, SignalMode,
+    SocketState,
 };
 use nix::libc;
 
@@ -57,13 +63,16 @@ const MAX_CLIENTS: usize = 64;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 const USAGE: &str = "\
-usage: daemon [--socket PATH] [--pid PATH]
+usage: daemon [--socket PATH] [--pid PATH] [--daemonize [--log PATH]]
 
 Runs a demo daemon in the foreground until `stop`, SIGTERM or Ctrl-C.
 
 options:
   --socket PATH   Unix socket to listen on   (env HISTORIA_DEMO_SOCKET)
   --pid PATH      PID file to hold and lock  (env HISTORIA_DEMO_PID)
+  --daemonize     detach (daemon(7): fork, setsid, fork, chdir /, stdio to
+                  /dev/null) and return once the daemon serves
+  --log PATH      with --daemonize: append the daemon's output to PATH
   -h, --help      print this help
 
 By default both live in $XDG_RUNTIME_DIR/historia-demo/, or in
@@ -71,7 +80,9 @@ By default both live in $XDG_RUNTIME_DIR/historia-demo/, or in
 as daemon.sock and daemon.pid.
 
 exit status: 0 after `stop`, 128+N after signal N (143 SIGTERM, 130 SIGINT),
-3 if another instance is running, 2 for a bad command line, 1 on error";
+3 if another instance is running, 2 for a bad command line, 1 on error;
+with --daemonize: 0 once the daemon is ready, 3 if another instance is
+running, 1 if the daemon could not start";
 
 /// Prints one line to stdout and flushes it at once, so that whoever reads a
 /// pipe or a log file sees start-up progress as it happens. Write errors are
@@ -93,12 +104,16 @@ macro_rules! warn {
 }
 
 fn main() {
-    let code = match parse_args(std::env::args_os().skip(1), &[]) {
+    let code = match parse_args(std::env::args_os().skip(1), &[], true) {
         Ok(None) => {
             say!("{USAGE}");
             0
         }
-        Ok(Some(args)) => match run(args.socket, args.pid) {
+        Ok(Some(args)) if args.log.is_some() && !args.daemonize => {
+            warn!("daemon: --log needs --daemonize (in the foreground, redirect the output)\n\n{USAGE}");
+            EXIT_USAGE
+        }
+        Ok(Some(args)) => match run(args) {
             Ok(code) => code,
             Err(e) => {
                 report("daemon", e.as_ref());
@@ -116,18 +131,29 @@ fn main() {
 }
 
 /// Runs the daemon; returns its exit status.
-fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<dyn Error>> {
-    let (socket_path, pid_path) = resolve_paths(socket, pid, true)
+fn run(args: cli::Parsed) -> Result<i32, Box<dyn Error>> {
+    let (socket_path, pid_path) = resolve_paths(args.socket, args.pid, true)
         .map_err(|e| context("cannot choose the runtime dir", e))?;
     say!("socket {}", socket_path.display());
     say!("pid file {}", pid_path.display());
 
     // Graceful: SIGTERM/SIGINT only wake `guard.shutdown()`, so we decide how
     // to wind down; a second signal during a stuck drain still ends us.
-    let mut guard = match DaemonGuard::builder(&socket_path, &pid_path)
-        .signals(SignalMode::Graceful)
-        .acquire()
-    {
+    let builder = DaemonGuard::builder(&socket_path, &pid_path).signals(SignalMode::Graceful);
+    let acquired = if args.daemonize {
+        // The claim and the socket are taken before forking, so "already
+        // running" and a bind error print here, on the terminal. From then
+        // on this process waits: it exits 0 once the daemon calls
+        // `ready()` below, or prints why the daemon could not start.
+        let mut options = Daemonize::new();
+        if let Some(log) = &args.log {
+            options = options.log_file(log);
+        }
+        builder.daemonize(&options)
+    } else {
+        builder.acquire()
+    };
+    let mut guard = match acquired {
         Ok(guard) => guard,
         Err(LifecycleError::AlreadyRunning) => {
             refuse_second_instance(&socket_path, &pid_path);
@@ -154,10 +180,15 @@ fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<dyn Err
         busy: Arc::default(),
     });
     let acceptor_state = Arc::clone(&state);
-    thread::Builder::new()
+    if let Err(e) = thread::Builder::new()
         .name("accept".into())
         .spawn(move || accept_loop(listener, acceptor_state))
-        .map_err(|e| context("cannot start the accept thread", e))?;
+    {
+        // Whoever waits for the start (the terminal after --daemonize, a
+        // client, a service manager) hears why.
+        guard.start_failed(&e);
+        return Err(context("cannot start the accept thread", e));
+    }
     // One call tells every waiting party: READY=1 to systemd or
     // `start-stop-daemon --notify-await` when NOTIFY_SOCKET is set.
     if let Err(e) = guard.ready() {

@@ -4,11 +4,13 @@
 //! Each entry is the file's absolute path, made so at acquire, so a later
 //! `chdir(2)` (daemonizing does `chdir("/")`) cannot send the removal to
 //! another file, and the device and inode it had when it was created. A file
-//! is removed only in the process that created it, and only while the path
-//! still names that inode: a forked child, or an operator who replaced the
-//! files, never loses anything.
+//! is removed only in the process that owns it (the acquiring process, or
+//! the forked child it was handed to), and only while the path still names
+//! that inode: a forked child, or an operator who replaced the files, never
+//! loses anything.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::error::Result;
@@ -46,8 +48,9 @@ struct State {
 /// socket before the PID file whose claim covers it).
 #[derive(Debug)]
 pub(crate) struct Cleanup {
-    /// The acquiring process; a forked child never removes anything.
-    owner: u32,
+    /// The acquiring process, or the forked child that took the claim over
+    /// ([`take_over`](Self::take_over)); any other process removes nothing.
+    owner: AtomicU32,
     /// The service manager waiting on `NOTIFY_SOCKET`, told `STOPPING=1`
     /// before anything is removed.
     notifier: Option<Notifier>,
@@ -58,7 +61,7 @@ impl Cleanup {
     /// An empty list owned by process `owner`.
     pub(crate) fn new(owner: u32) -> Self {
         Cleanup {
-            owner,
+            owner: AtomicU32::new(owner),
             notifier: None,
             state: Mutex::new(State::default()),
         }
@@ -83,7 +86,7 @@ impl Cleanup {
         remake: impl FnOnce(&Path) -> Result<Option<((u64, u64), T)>>,
     ) -> Result<Option<T>> {
         let mut state = lock(&self.state);
-        if state.done || std::process::id() != self.owner {
+        if state.done || std::process::id() != self.owner() {
             return Err(crate::LifecycleError::InvalidArgument {
                 what: "guard",
                 reason: "its cleanup already ran (or it was kept, or this is a forked child)"
@@ -105,7 +108,42 @@ impl Cleanup {
 
     /// The process that owns the files.
     pub(crate) fn owner(&self) -> u32 {
-        self.owner
+        self.owner.load(Ordering::Acquire)
+    }
+
+    /// In a forked child, under the cleanup's lock: finds the entry for the
+    /// file `old` (the PID file the parent wrote), lets `swap` put the
+    /// child's own file at its path (it returns the new device and inode),
+    /// lists the new inode instead, and makes this process the owner of
+    /// every entry. Refused once cleanup has run or was disarmed, in the
+    /// owner itself, and when no entry names `old`.
+    pub(crate) fn take_over<T>(
+        &self,
+        old: (u64, u64),
+        swap: impl FnOnce(&Path) -> Result<((u64, u64), T)>,
+    ) -> Result<T> {
+        let me = std::process::id();
+        let mut state = lock(&self.state);
+        let refuse = |reason: &str| crate::LifecycleError::InvalidArgument {
+            what: "take-over after fork",
+            reason: reason.into(),
+        };
+        if me == self.owner() {
+            return Err(refuse(
+                "this process already owns the claim (call it in the forked child)",
+            ));
+        }
+        if state.done {
+            return Err(refuse("the guard's cleanup already ran, or it was kept"));
+        }
+        let Some(i) = state.entries.iter().position(|e| e.dev_ino == old) else {
+            return Err(refuse("the guard lists no PID file of its own"));
+        };
+        let path = state.entries[i].path.clone();
+        let (id, made) = swap(&path)?;
+        state.entries[i].dev_ino = id;
+        self.owner.store(me, Ordering::Release);
+        Ok(made)
     }
 
     /// Reports `STOPPING=1` to `notifier` at cleanup from now on (set once

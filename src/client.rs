@@ -12,12 +12,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::libc;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::{io_at, LifecycleError, Result};
 use crate::paths::{ensure_dir, parent_dir};
 use crate::pidfile::running_pid;
-use crate::readiness::{parse_report, Report, READY_FD_ENV};
+use crate::readiness::{parse_report, LineReader, Polled, Report, READY_FD_ENV};
 use crate::sys::Process;
 
 /// How much of a log file's end a start-up error quotes.
@@ -272,8 +271,7 @@ impl Launcher {
             stream,
             started: Started::Spawned { pid },
         };
-        let mut pipe = File::from(read);
-        let mut line = Vec::new();
+        let mut pipe = LineReader::new(File::from(read));
         let mut nap = Duration::from_millis(1);
         let mut exited: Option<ExitStatus> = None;
         loop {
@@ -282,34 +280,32 @@ impl Launcher {
                 return Err(self.timeout_error("daemon start", Some(pid)));
             }
             let slice = nap.min(left);
-            if readable(&pipe, slice)? {
-                match read_line(&mut pipe, &mut line)? {
-                    Some(text) => {
-                        return match parse_report(&text) {
-                            Report::Ready => self.wait_connect(deadline, Some(pid)).map(spawned),
-                            Report::AlreadyRunning => self.wait_connect(deadline, None).map(found),
-                            Report::Failed(reason) => Err(LifecycleError::StartFailed {
-                                socket: self.socket_path.clone(),
-                                pid,
-                                reason,
-                            }),
-                        };
-                    }
-                    None if line.is_empty() => {
-                        // EOF: every holder of the write end is gone.
-                        let status = match exited {
-                            Some(s) => Some(s),
-                            None => wait_briefly(&mut child),
-                        };
-                        return match status {
-                            Some(status) => Err(self.exited_error(pid, status, log_start)),
-                            // Alive but closed the pipe: it never reports;
-                            // fall back to connecting.
-                            None => self.wait_connect(deadline, Some(pid)).map(spawned),
-                        };
-                    }
-                    None => continue, // part of a line; read on
+            match pipe.next(slice)? {
+                Polled::Line(text) => {
+                    return match parse_report(&text) {
+                        Report::Ready => self.wait_connect(deadline, Some(pid)).map(spawned),
+                        Report::AlreadyRunning => self.wait_connect(deadline, None).map(found),
+                        Report::Failed(reason) => Err(LifecycleError::StartFailed {
+                            socket: self.socket_path.clone(),
+                            pid,
+                            reason,
+                        }),
+                    };
                 }
+                Polled::Eof => {
+                    // Every holder of the write end is gone.
+                    let status = match exited {
+                        Some(s) => Some(s),
+                        None => wait_briefly(&mut child),
+                    };
+                    return match status {
+                        Some(status) => Err(self.exited_error(pid, status, log_start)),
+                        // Alive but closed the pipe: it never reports;
+                        // fall back to connecting.
+                        None => self.wait_connect(deadline, Some(pid)).map(spawned),
+                    };
+                }
+                Polled::Nothing => {}
             }
             if let Ok(stream) = UnixStream::connect(&self.socket_path) {
                 return Ok(spawned(stream));
@@ -374,43 +370,6 @@ fn found(stream: UnixStream) -> Connection {
     }
 }
 
-/// Whether `pipe` has data or EOF within `wait`.
-fn readable(pipe: &File, wait: Duration) -> Result<bool> {
-    let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
-    let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX).max(1);
-    match poll(&mut fds, PollTimeout::from(ms)) {
-        Ok(n) => Ok(n > 0),
-        Err(nix::errno::Errno::EINTR) => Ok(false),
-        Err(e) => Err(LifecycleError::Io(e.into())),
-    }
-}
-
-/// Reads what is available; returns a whole line once one is in `buf`,
-/// `None` at EOF or when the line is not complete yet.
-fn read_line(pipe: &mut File, buf: &mut Vec<u8>) -> Result<Option<String>> {
-    let mut chunk = [0u8; 512];
-    let n = match pipe.read(&mut chunk) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
-        Err(e) => return Err(LifecycleError::Io(e)),
-    };
-    if n == 0 {
-        // EOF: a partial line without newline still counts.
-        return Ok((!buf.is_empty()).then(|| String::from_utf8_lossy(buf).into_owned()));
-    }
-    buf.extend_from_slice(&chunk[..n]);
-    match buf.iter().position(|&b| b == b'\n') {
-        Some(end) => Ok(Some(String::from_utf8_lossy(&buf[..end]).into_owned())),
-        None => {
-            // Keep reading; a non-empty buffer is not EOF to the caller.
-            if buf.len() > 4096 {
-                return Ok(Some(String::from_utf8_lossy(buf).into_owned()));
-            }
-            Ok(None)
-        }
-    }
-}
-
 /// Reaps `child` if it exits within a moment (the pipe's EOF comes just
 /// before the exit is visible).
 fn wait_briefly(child: &mut Child) -> Option<ExitStatus> {
@@ -436,7 +395,7 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// The end of what was appended to the log at `path` after `start`.
-fn log_tail(path: &Path, start: u64) -> String {
+pub(crate) fn log_tail(path: &Path, start: u64) -> String {
     let Ok(mut f) = File::open(path) else {
         return String::new();
     };

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::activation::{activated_listener, Activation};
 use crate::cleanup::absolute;
+use crate::daemonize::Daemonize;
 use crate::error::Result;
 use crate::listener::{bind_claimed, in_use_or, same_file_or, same_path_error, BindSpec};
 use crate::notify::Notifier;
@@ -74,8 +75,10 @@ pub const DEFAULT_BACKLOG: i32 = 128;
 ///
 /// # Ownership rules
 /// Cleanup removes a file only if both hold:
-/// - it runs in the process that acquired the guard: a `fork(2)`ed child
-///   that drops its copy removes nothing and keeps the parent's claim;
+/// - it runs in the process that acquired the guard, or the `fork(2)`ed
+///   child it was handed to ([`take_over_after_fork`](Self::take_over_after_fork)):
+///   any other forked child that drops its copy removes nothing and keeps
+///   the parent's claim;
 /// - the path still names the inode the guard created (same device and
 ///   inode): if an operator deleted the files and a newer instance took the
 ///   paths, its files are left alone.
@@ -89,8 +92,12 @@ pub const DEFAULT_BACKLOG: i32 = 128;
 /// - **The PID path belongs to the daemon.** Any unlocked regular file there
 ///   is a stale PID file to this crate (the lock decides, not the content), so
 ///   it is replaced. Never point the PID path at a file you care about.
-/// - **Acquire after daemonizing.** The claim's PID is the acquiring
-///   process's. Fork or double-fork first, then acquire.
+/// - **Daemonize with the builder, not by hand.** The claim's PID is the
+///   acquiring process's: [`DaemonGuardBuilder::daemonize`] takes the claim
+///   and binds before forking (so errors reach the terminal) and hands both
+///   to the daemon; after a plain `fork(2)` of your own, call
+///   [`take_over_after_fork`](Self::take_over_after_fork) in the child and
+///   [`hand_over_to_child`](Self::hand_over_to_child) in the parent.
 /// - **Inherited descriptors.** Every descriptor the guard holds is
 ///   close-on-exec, so programs the daemon spawns do not keep the claim
 ///   alive. A child made by a bare `fork` (no `exec`) shares the flock until
@@ -223,6 +230,38 @@ impl DaemonGuard {
     /// notification cannot be sent. The daemon may go on serving.
     pub fn ready(&self) -> Result<()> {
         self.inner.ready()
+    }
+
+    /// Tells whoever waits for this daemon to start that it cannot, and why;
+    /// see [`PidFileGuard::start_failed`].
+    pub fn start_failed(&self, error: &(dyn std::error::Error + 'static)) {
+        self.inner.start_failed(error);
+    }
+
+    /// Takes the claim, the socket and the cleanup over in a child made by a
+    /// plain `fork(2)`: the PID file names this process from now on, and its
+    /// Drop, `close()` and signals remove both files. See
+    /// [`PidFileGuard::take_over_after_fork`], whose rules and errors apply.
+    ///
+    /// # Errors
+    /// As [`PidFileGuard::take_over_after_fork`].
+    pub fn take_over_after_fork(&mut self) -> Result<()> {
+        self.inner.take_over_after_fork()
+    }
+
+    /// In the parent after `fork(2)`: waits until `child` took the claim
+    /// over, then disarms this copy and closes its listener and lock
+    /// descriptors (the child's copies stay open and locked). See
+    /// [`PidFileGuard::hand_over_to_child`].
+    ///
+    /// # Errors
+    /// As [`PidFileGuard::hand_over_to_child`]; the guard stays this
+    /// process's, listener included.
+    pub fn hand_over_to_child(&mut self, child: u32, timeout: std::time::Duration) -> Result<()> {
+        self.inner.hand_over_to_child(child, timeout)?;
+        // The child accepts from now on; our copy must not take its clients.
+        self.listener = None;
+        Ok(())
     }
 
     /// The service manager waiting on `NOTIFY_SOCKET`, if any, for the other
@@ -439,6 +478,40 @@ impl DaemonGuardBuilder {
     #[must_use = "the claim is released as soon as the guard is dropped"]
     pub fn acquire(self) -> Result<DaemonGuard> {
         reporting_failure(|notifier| self.acquire_reporting_to(notifier))
+    }
+
+    /// Takes the claim and binds the socket, then becomes a daemon as
+    /// daemon(7) describes, and returns only in the daemon; the original
+    /// process exits with status 0 once the daemon calls
+    /// [`DaemonGuard::ready`], or prints why it could not start and exits
+    /// with status 1. See [`Daemonize`] for the steps, the options and when
+    /// to daemonize at all.
+    ///
+    /// # Errors
+    /// In the original process, before anything forks, so they reach the
+    /// terminal: as [`acquire`](Self::acquire) (above all
+    /// [`LifecycleError::AlreadyRunning`](crate::LifecycleError::AlreadyRunning),
+    /// and a socket path that cannot be bound), and as
+    /// [`PidFileGuardBuilder::daemonize`](crate::PidFileGuardBuilder::daemonize).
+    pub fn daemonize(self, options: &Daemonize) -> Result<DaemonGuard> {
+        let about = self.socket_path.clone();
+        let table = self.signals;
+        // Refused here, in the original process, not after the forks.
+        table.validate()?;
+        crate::daemonize::daemonize(
+            options,
+            &about,
+            || {
+                let mut guard = DaemonGuardBuilder {
+                    signals: SignalTable::none(),
+                    ..self
+                }
+                .acquire()?;
+                guard.inner.defer_signals(table);
+                Ok(guard)
+            },
+            |guard| &mut guard.inner,
+        )
     }
 
     fn acquire_reporting_to(self, notifier: Option<Notifier>) -> Result<DaemonGuard> {

@@ -100,6 +100,37 @@
 //! [`scrub_service_env`] keeps those variables from the children a daemon
 //! spawns. Unit files: `docs/service-managers.md`.
 //!
+//! # Daemonizing
+//! Under a service manager, don't: systemd, runit, s6, launchd and
+//! `start-stop-daemon --background` run the program in the background
+//! themselves and track it by its PID; run in the foreground and call
+//! [`DaemonGuard::ready`]. Daemonize when the program is started by hand or
+//! from a script and must detach, or for a supervisor that expects a forking
+//! daemon (systemd's `Type=forking`, `start-stop-daemon --start` without
+//! `--background`, SysV init scripts).
+//!
+//! [`DaemonGuardBuilder::daemonize`] and [`PidFileGuardBuilder::daemonize`]
+//! do it with the claim held, in the order FreeBSD
+//! [pidfile(3)](https://man.freebsd.org/cgi/man.cgi?query=pidfile&sektion=3)
+//! teaches: claim (and bind) first, so "already running (pid N)" and a bind
+//! error reach the terminal; then
+//! [daemon(7)](https://man7.org/linux/man-pages/man7/daemon.7.html)'s SysV
+//! steps (`fork(2)`, `setsid(2)`, a second fork, `chdir("/")`, umask, stdio
+//! to `/dev/null` or a log file, inherited descriptors closed); the daemon
+//! takes the claim over (the PID file names it), and the original process
+//! exits 0 once the daemon calls `ready()`, or prints the daemon's start-up
+//! error ([`PidFileGuard::start_failed`]) or a timeout and exits 1. That is
+//! the contract `Type=forking` and `start-stop-daemon --start` rely on. See
+//! [`Daemonize`] for the options and the rule about threads (daemonize
+//! before any start, a tokio runtime included).
+//!
+//! After a `fork(2)` of your own, the child calls
+//! [`PidFileGuard::take_over_after_fork`] and the parent
+//! [`PidFileGuard::hand_over_to_child`] (both on [`DaemonGuard`] too): a
+//! fresh PID file naming the child, already flocked, is renamed over the old
+//! one while that is still locked, so no instant exists at which the claim
+//! is free or the file is torn.
+//!
 //! # The client side
 //! A daemon's command-line client connects or starts it with
 //! [`ensure_running`] (exactly one spawn among racing clients, serialised
@@ -126,7 +157,7 @@
 //! - **No hangs.** Probes use a non-blocking `connect(2)`; PID files are
 //!   opened `O_NONBLOCK|O_NOFOLLOW` and read with a 64-byte bound.
 //! - **Synchronous.** No async runtime is needed; everything runs before one
-//!   starts.
+//!   starts (and daemonizing must: `fork(2)` keeps only the calling thread).
 //!
 //! # Security
 //! Put the socket and PID file in a private runtime dir: [`runtime_dir`]
@@ -185,6 +216,7 @@ mod activation;
 mod chmod;
 mod cleanup;
 mod client;
+mod daemonize;
 mod error;
 mod guard;
 mod holder;
@@ -208,6 +240,7 @@ pub use activation::{activated_listener, Activation};
 pub use client::{
     ensure_running, signal_daemon, stop, wait_for_exit, Connection, Launcher, Started, Stopped,
 };
+pub use daemonize::{Daemonize, DEFAULT_START_TIMEOUT, DEFAULT_UMASK, EXIT_START_FAILED};
 pub use error::{FileKind, LifecycleError, Result};
 pub use guard::{DaemonGuard, DaemonGuardBuilder, DEFAULT_BACKLOG, DEFAULT_SOCKET_MODE};
 pub use info::DaemonInfo;

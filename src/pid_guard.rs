@@ -2,13 +2,16 @@
 //! handling, and no socket. `DaemonGuard` is this plus a listener.
 
 use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::cleanup::{absolute, Cleanup};
-use crate::error::{FileKind, LifecycleError, Result};
+use crate::daemonize::Daemonize;
+use crate::error::{io_at, FileKind, LifecycleError, Result};
 use crate::notify::{Message, Notifier};
-use crate::pidfile::{claim, Claim, PID_FILE_MODE};
+use crate::pidfile::{claim, read_pid_file, replace_claimed, Claim, PID_FILE_MODE};
 use crate::readiness::ReadyPipe;
 use crate::rebind::SocketSlot;
 use crate::reload::Reload;
@@ -53,11 +56,19 @@ use crate::signals::{SignalAction, SignalMode, SignalTable};
 /// ```
 ///
 /// # Ownership rules
-/// Cleanup removes the PID file only in the process that acquired the guard
-/// (a `fork(2)`ed child that drops its copy removes nothing) and only while
-/// the path still names the inode the guard created (a newer instance's
-/// file is left alone). The path is made absolute at acquire, so a later
-/// `chdir(2)` does not change which file cleanup looks at.
+/// Cleanup removes the PID file only in the process that owns the guard: the
+/// one that acquired it, or the `fork(2)`ed child it was handed to with
+/// [`take_over_after_fork`](Self::take_over_after_fork) (any other forked
+/// child that drops its copy removes nothing), and only while the path
+/// still names the inode the guard created (a newer instance's file is left
+/// alone). The path is made absolute at acquire, so a later `chdir(2)` does
+/// not change which file cleanup looks at.
+///
+/// # Across `fork`
+/// To run the daemon in a forked child (FreeBSD pidfile(3)'s "open, fork,
+/// write the PID from the child"), let the child take the claim over and the
+/// parent hand it over, as [`take_over_after_fork`](Self::take_over_after_fork)
+/// shows; [`PidFileGuardBuilder::daemonize`] does all of daemon(7)'s steps.
 ///
 /// # What cleanup cannot cover
 /// SIGKILL, `std::process::abort`, `std::process::exit`, `panic = "abort"`
@@ -71,15 +82,23 @@ use crate::signals::{SignalAction, SignalMode, SignalTable};
 pub struct PidFileGuard {
     cleanup: Arc<Cleanup>,
     pid_path: PathBuf,
+    /// `pid_path` made absolute at acquire.
+    pid_abs: PathBuf,
     /// The flocked PID file: the claim itself. `None` once released.
     lock: Option<File>,
     registration: Option<Registration>,
+    /// The mode asked for, registered again by a forked child that takes
+    /// the claim over.
+    signals: SignalTable,
+    /// The socket a [`SignalAction::Rebind`] re-creates (a socket guard's).
+    socket: Option<Arc<SocketSlot>>,
     shutdown: Shutdown,
     reload: Reload,
     reclaimed_pid_file: bool,
-    /// The pipe an [`ensure_running`](crate::ensure_running) spawner waits
-    /// on; written once by [`ready`](Self::ready).
-    ready_pipe: std::sync::Mutex<Option<ReadyPipe>>,
+    /// The pipes waiting parties read: an [`ensure_running`](crate::ensure_running)
+    /// spawner's, and the original process's after daemonizing; each
+    /// written once by [`ready`](Self::ready) or [`start_failed`](Self::start_failed).
+    ready_pipe: std::sync::Mutex<Vec<ReadyPipe>>,
     replaced_pid: Option<u32>,
 }
 
@@ -127,7 +146,8 @@ impl PidFileGuard {
         }
     }
 
-    /// The PID written to the PID file: this process's.
+    /// The PID written to the PID file: this process's (the forked child's
+    /// after [`take_over_after_fork`](Self::take_over_after_fork)).
     pub fn pid(&self) -> u32 {
         self.cleanup.owner()
     }
@@ -180,14 +200,268 @@ impl PidFileGuard {
     /// # Errors
     /// [`LifecycleError::Io`] when the notification cannot be sent (the
     /// manager's socket is gone). The daemon may go on serving.
+    ///
+    /// After [`PidFileGuardBuilder::daemonize`] this is also what the
+    /// original process waits for: it exits with status 0 once this runs.
     pub fn ready(&self) -> Result<()> {
-        if let Some(pipe) = crate::sync::lock(&self.ready_pipe).take() {
+        for pipe in crate::sync::lock(&self.ready_pipe).drain(..) {
             pipe.ready();
         }
         match self.cleanup.notifier() {
             Some(n) => n.ready(),
             None => Ok(()),
         }
+    }
+
+    /// Tells whoever waits for this daemon to start that it cannot, and
+    /// why: the counterpart of [`ready`](Self::ready) for a start-up step
+    /// that fails after the claim was taken (opening a database, starting a
+    /// thread, …). The original process of a [`daemonize`d](PidFileGuardBuilder::daemonize)
+    /// daemon prints `error` and exits with status 1; an
+    /// [`ensure_running`](crate::ensure_running) client returns
+    /// [`LifecycleError::StartFailed`] with it; a service manager gets it as
+    /// `STATUS=`. Each waiting party hears once: later calls, and `ready`
+    /// after this, tell the pipes nothing.
+    ///
+    /// It does not end anything: drop the guard (which removes the files)
+    /// and exit, as after any failed start.
+    ///
+    /// [`LifecycleError::StartFailed`]: crate::LifecycleError::StartFailed
+    pub fn start_failed(&self, error: &(dyn std::error::Error + 'static)) {
+        for pipe in crate::sync::lock(&self.ready_pipe).drain(..) {
+            pipe.failed_with(error);
+        }
+        if let Some(n) = self.cleanup.notifier() {
+            let status = format!("cannot start: {}", crate::error::one_line(error));
+            // Best effort, as the daemon is about to give up anyway.
+            let _ = n.send(&[Message::Status(&status)]);
+        }
+    }
+
+    /// Takes the claim over in a child made by a plain `fork(2)` (no
+    /// `exec`): from this call on, the PID file names this process, so
+    /// [`running_pid`](crate::running_pid) and
+    /// [`signal_daemon`](crate::signal_daemon) name it, and its Drop,
+    /// [`close`](Self::close) and signal handling (the [`SignalMode`] the
+    /// guard was built with, installed afresh here, as a forked child has no
+    /// threads but the one that forked) remove the files. This is FreeBSD
+    /// pidfile(3)'s pattern, open the PID file, fork, write the PID from the
+    /// child, without its gap: the parent tells "already running (pid N)"
+    /// to the terminal, and the claim never lapses.
+    ///
+    /// How, so that no instant exists at which the claim is free or the file
+    /// is torn: a fresh PID file naming this process is written and flocked
+    /// before it has its name, then renamed over the old one (on Linux
+    /// `renameat2(2)` with `RENAME_EXCHANGE`, checking afterwards that what
+    /// it replaced was ours) while the old inode is still locked through the
+    /// descriptor shared with the parent (a flock belongs to the open file
+    /// description, which `fork` shares; nothing is ever unlocked). A racer
+    /// meets a locked file whichever one it opens, and gets
+    /// [`LifecycleError::AlreadyRunning`].
+    ///
+    /// The parent must call [`hand_over_to_child`](Self::hand_over_to_child)
+    /// (it waits for this call to finish, then disarms the parent's copy
+    /// without removing or unlocking anything), or exit without dropping
+    /// the guard (`std::process::exit`, `_exit`) *after* this call; until
+    /// then the file names the parent.
+    ///
+    /// Fork only where it is safe: in a process with other threads, the
+    /// child may run only async-signal-safe code until `exec`, and this call
+    /// allocates and starts a thread. Fork before starting threads (glibc's
+    /// allocator also survives a fork from a threaded process, but std's
+    /// locks held by other threads do not).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use historia_lifecycle::{running_pid, LifecycleError, PidFileGuard, SignalMode};
+    /// use nix::unistd::{fork, ForkResult};
+    /// let dir = tempfile::tempdir()?;
+    /// let pid_path = dir.path().join("server.pid");
+    /// let mut guard = PidFileGuard::builder(&pid_path).signals(SignalMode::Off).acquire()?;
+    /// // SAFETY (doctest): the child only takes the claim over and exits.
+    /// match unsafe { fork() }.expect("fork") {
+    ///     ForkResult::Child => {
+    ///         let ok = guard.take_over_after_fork().is_ok();
+    ///         // ... the daemon would serve here; this one just cleans up ...
+    ///         let ok = ok && guard.close().is_ok();
+    ///         unsafe { nix::libc::_exit(if ok { 0 } else { 1 }) };
+    ///     }
+    ///     ForkResult::Parent { child } => {
+    ///         let child = child.as_raw() as u32;
+    ///         guard.hand_over_to_child(child, Duration::from_secs(10))?;
+    ///         let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child as i32), None);
+    ///         assert!(matches!(status, Ok(nix::sys::wait::WaitStatus::Exited(_, 0))), "{status:?}");
+    ///         assert!(!pid_path.exists(), "the child's close() removed it");
+    ///         drop(guard); // disarmed: removes nothing
+    ///     }
+    /// }
+    /// # Ok::<(), LifecycleError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// - [`LifecycleError::InvalidArgument`] in the process that already
+    ///   owns the claim (not a forked child), or once the guard was released
+    ///   or kept.
+    /// - [`LifecycleError::Io`] when the new PID file cannot be written,
+    ///   locked or renamed into place, or the file at the path is no longer
+    ///   the one this guard wrote (an operator replaced it; it is left
+    ///   untouched). The guard is then unchanged: the parent still owns it.
+    /// - [`LifecycleError::Signals`] when the signal handling cannot be
+    ///   installed in the child; the child owns the claim by then, so
+    ///   dropping the guard cleans up.
+    ///
+    /// [`LifecycleError::AlreadyRunning`]: crate::LifecycleError::AlreadyRunning
+    /// [`LifecycleError::InvalidArgument`]: crate::LifecycleError::InvalidArgument
+    /// [`LifecycleError::Io`]: crate::LifecycleError::Io
+    /// [`LifecycleError::Signals`]: crate::LifecycleError::Signals
+    pub fn take_over_after_fork(&mut self) -> Result<()> {
+        let Some(inherited) = &self.lock else {
+            return Err(LifecycleError::InvalidArgument {
+                what: "take-over after fork",
+                reason: "the guard was already released or kept".into(),
+            });
+        };
+        let meta = inherited
+            .metadata()
+            .map_err(|e| io_at("examine PID file", &self.pid_path, e))?;
+        let old = (meta.dev(), meta.ino());
+        let mode = meta.permissions().mode() & 0o777;
+        let pid = std::process::id();
+        let file = self.cleanup.take_over(old, |abs| {
+            let (file, id) = replace_claimed(abs, pid, mode, old)?;
+            Ok((id, file))
+        })?;
+        // Closes only our copy of the parent's descriptor: the old inode
+        // stays locked while the parent's copy is open, and nobody can look
+        // it up by name any more.
+        self.lock = Some(file);
+        self.reregister_signals_after_fork()
+    }
+
+    /// The signal half of [`take_over_after_fork`](Self::take_over_after_fork):
+    /// the registration inherited from the parent is the parent's (it is let
+    /// go, never edited), and `register` sets up this process's own pipe and
+    /// helper thread.
+    fn reregister_signals_after_fork(&mut self) -> Result<()> {
+        if let Some(parents) = self.registration.take() {
+            parents.unregister(false);
+        }
+        let handles = Handles {
+            cleanup: Arc::clone(&self.cleanup),
+            shutdown: self.shutdown.clone(),
+            reload: self.reload.clone(),
+            socket: self.socket.clone(),
+        };
+        self.registration = register(self.signals, handles)?;
+        Ok(())
+    }
+
+    /// In the parent, after `fork(2)`: waits until the child `child` has
+    /// taken the claim over ([`take_over_after_fork`](Self::take_over_after_fork):
+    /// the PID file names it), then disarms this copy of the guard: its Drop,
+    /// `close()` and signals remove nothing from then on, and its descriptor
+    /// of the PID file is closed without unlocking anything (the child's
+    /// copy of the same open file description keeps the old inode locked
+    /// until the child closes it). The parent may exit as soon as this
+    /// returns: the PID file names the child, never a dead parent.
+    ///
+    /// # Errors
+    /// The guard stays armed, and this process's, when:
+    /// - [`LifecycleError::DaemonExited`] `child` exited, or never existed,
+    ///   without taking the claim over (a child that took it over and has
+    ///   already finished counts as handed over: our file is gone from the
+    ///   path);
+    /// - [`LifecycleError::Timeout`] it did not within `timeout`;
+    /// - [`LifecycleError::InvalidArgument`] this process does not own the
+    ///   claim (the guard was released, kept, or handed over already).
+    ///
+    /// [`LifecycleError::DaemonExited`]: crate::LifecycleError::DaemonExited
+    /// [`LifecycleError::Timeout`]: crate::LifecycleError::Timeout
+    /// [`LifecycleError::InvalidArgument`]: crate::LifecycleError::InvalidArgument
+    pub fn hand_over_to_child(&mut self, child: u32, timeout: Duration) -> Result<()> {
+        if self.lock.is_none() || std::process::id() != self.cleanup.owner() {
+            return Err(LifecycleError::InvalidArgument {
+                what: "hand-over to a child",
+                reason: "this process does not own the claim (released, kept or handed over)"
+                    .into(),
+            });
+        }
+        let exited = || LifecycleError::DaemonExited {
+            socket: self.pid_path.clone(),
+            pid: child,
+            status: "exited".into(),
+            output: String::new(),
+        };
+        let process = crate::sys::Process::open(child)
+            .map_err(|e| io_at("watch the child taking over", &self.pid_path, e))?
+            .ok_or_else(exited)?;
+        let ours = match &self.lock {
+            Some(f) => f.metadata().map(|m| (m.dev(), m.ino())).ok(),
+            None => None,
+        };
+        let names_child = || read_pid_file(&self.pid_abs).ok().flatten() == Some(child);
+        let deadline = Instant::now() + timeout;
+        let mut nap = Duration::from_millis(1);
+        loop {
+            if names_child() {
+                self.leave_to_child();
+                self.lock = None; // our copy only: the child's keeps the lock
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LifecycleError::Timeout {
+                    what: "hand-over to the child",
+                    path: self.pid_path.clone(),
+                    pid: Some(child),
+                    waited: timeout,
+                });
+            }
+            // Sleeps until the child exits or the nap ends.
+            if process.wait_exit(nap.min(left)) {
+                // A child that took over may already have finished and
+                // removed its file: our inode is gone from the path then.
+                if names_child() || crate::paths::dev_ino(&self.pid_abs) != ours {
+                    self.leave_to_child();
+                    self.lock = None;
+                    return Ok(());
+                }
+                return Err(exited());
+            }
+            nap = (nap * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// The original side of a fork that hands the claim on: disarms cleanup
+    /// and signals in this process's memory only (the child's copy stays
+    /// armed). The lock's descriptor stays open: closing it would never
+    /// unlock a flock shared with the child, and while it is open
+    /// `running_pid` can name this live process, which the file still names
+    /// until the child took over.
+    pub(crate) fn leave_to_child(&mut self) {
+        self.cleanup.disarm();
+        if let Some(r) = self.registration.take() {
+            r.unregister(true);
+        }
+    }
+
+    /// A guard acquired with [`SignalMode::Off`] so that no thread runs
+    /// before daemonizing, remembering the mode the daemon registers once it
+    /// took the claim over.
+    pub(crate) fn defer_signals(&mut self, table: SignalTable) {
+        self.signals = table;
+    }
+
+    /// Adds a waiting party's pipe, for [`ready`](Self::ready).
+    pub(crate) fn add_ready_pipe(&mut self, pipe: ReadyPipe) {
+        crate::sync::lock(&self.ready_pipe).push(pipe);
+    }
+
+    /// A forked process that still shares the claim (between daemonize's
+    /// forks, before the take-over) failed: removes the files, which are
+    /// still the claim's, as their owner would.
+    pub(crate) fn abandon_start(&self) {
+        let _ = self.cleanup.run(true);
     }
 
     /// The service manager waiting on `NOTIFY_SOCKET`, if any, for the
@@ -353,6 +627,50 @@ impl PidFileGuardBuilder {
             claim_only(&self.pid_path, self.pid_mode, self.signals, notifier, None)
         })
     }
+
+    /// Takes the claim, then becomes a daemon as daemon(7) describes, and
+    /// returns only in the daemon; the original process waits until the
+    /// daemon calls [`PidFileGuard::ready`] and exits with status 0 (or
+    /// prints why it could not start and exits with status 1). See
+    /// [`Daemonize`] for the steps, the options and when to daemonize at all.
+    ///
+    /// # Errors
+    /// In the original process, before anything forks, and printed by
+    /// nobody but the caller, so they reach the terminal:
+    /// - as [`acquire`](Self::acquire): above all
+    ///   [`LifecycleError::AlreadyRunning`] (name the holder with
+    ///   [`running_pid`](crate::running_pid));
+    /// - [`LifecycleError::InvalidArgument`] when other threads run in this
+    ///   process (Linux), or a [`Daemonize::keep_fd`] is not open;
+    /// - [`LifecycleError::Io`] when `/dev/null` or the log file cannot be
+    ///   opened, or `fork(2)` fails.
+    ///
+    /// [`LifecycleError::AlreadyRunning`]: crate::LifecycleError::AlreadyRunning
+    /// [`LifecycleError::InvalidArgument`]: crate::LifecycleError::InvalidArgument
+    /// [`LifecycleError::Io`]: crate::LifecycleError::Io
+    pub fn daemonize(self, options: &Daemonize) -> Result<PidFileGuard> {
+        let about = self.pid_path.clone();
+        let table = self.signals;
+        // Refused here, in the original process, not after the forks.
+        table.validate()?;
+        if table.rebinds() {
+            return Err(crate::signals::rebind_needs_a_socket());
+        }
+        crate::daemonize::daemonize(
+            options,
+            &about,
+            || {
+                let mut guard = PidFileGuardBuilder {
+                    signals: SignalTable::none(),
+                    ..self
+                }
+                .acquire()?;
+                guard.defer_signals(table);
+                Ok(guard)
+            },
+            |guard| guard,
+        )
+    }
 }
 
 /// [`acquire_with`] with nothing else under the claim: the PID-file-only
@@ -398,6 +716,7 @@ pub(crate) fn acquire_with<T>(
     let abs_pid = absolute(pid_path, "resolve PID file path")?;
     let claim = claim(pid_path, pid, pid_mode, under_stale)?;
     let mut cleanup = Cleanup::new(pid);
+    let abs_pid_kept = abs_pid.clone();
     cleanup.push(abs_pid, claim.dev_ino, "remove PID file");
     // Until the guard exists, undo what we placed if a later step fails or
     // panics.
@@ -416,6 +735,7 @@ pub(crate) fn acquire_with<T>(
         reload: reload.clone(),
         socket: socket(&extra),
     };
+    let socket = handles.socket.clone();
     let registration = match register(signals, handles) {
         Ok(r) => r,
         Err(e) => {
@@ -430,12 +750,15 @@ pub(crate) fn acquire_with<T>(
     let guard = PidFileGuard {
         cleanup,
         pid_path: pid_path.to_path_buf(),
+        pid_abs: abs_pid_kept,
         lock: Some(claim.file),
         registration,
+        signals,
+        socket,
         shutdown,
         reload,
         reclaimed_pid_file: claim.reclaimed,
-        ready_pipe: std::sync::Mutex::new(None),
+        ready_pipe: std::sync::Mutex::new(Vec::new()),
         replaced_pid: claim.stale_pid,
     };
     Ok((guard, extra))
@@ -455,7 +778,7 @@ pub(crate) fn reporting_failure<T: AsRef<PidFileGuard>>(
     let report_to = notifier.clone();
     match acquire(notifier) {
         Ok(guard) => {
-            *crate::sync::lock(&guard.as_ref().ready_pipe) = pipe;
+            crate::sync::lock(&guard.as_ref().ready_pipe).extend(pipe);
             Ok(guard)
         }
         Err(e) => {

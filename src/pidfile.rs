@@ -147,7 +147,9 @@ pub fn cleanup_pid_file(pid_path: &Path) -> Result<()> {
 /// other platforms), a shared trial `flock(2)` tells whether the claim is
 /// held, and the PID comes from the file, checked the same way on Linux.
 /// For the instant of that trial lock, an `acquire` racing it could be
-/// refused.
+/// refused. A PID file replaced while it looks (a claim handed to a forked
+/// child renames a new file over the old one) is looked at again, so a
+/// hand-over never reads as "not running".
 ///
 /// # PID namespaces (containers)
 /// - Looking into a child namespace (the host, a container's daemon): the
@@ -193,13 +195,42 @@ pub fn cleanup_pid_file(pid_path: &Path) -> Result<()> {
 /// # Ok::<(), LifecycleError>(())
 /// ```
 pub fn running_pid(pid_path: &Path) -> Result<Option<u32>> {
-    let Some(mut file) = open_pid_file(pid_path)? else {
-        return Ok(None);
+    // A file replaced while we looked at it (a claim handed to a forked
+    // child renames a new one over the old) may already have lost its
+    // holders: an answer of "nobody" or "unknown" about it says nothing
+    // about the file now at the path, so look again at that one.
+    let mut answer = running_pid_once(pid_path)?;
+    for _ in 0..8 {
+        match answer {
+            (Ok(None) | Err(LifecycleError::HolderUnknown { .. }), Some(id))
+                if dev_ino(pid_path) != Some(id) =>
+            {
+                answer = running_pid_once(pid_path)?;
+            }
+            _ => break,
+        }
+    }
+    answer.0
+}
+
+/// What one look found: the answer about the file that was at the path, and
+/// that file's device and inode (`None` when there was none).
+type Look = (Result<Option<u32>>, Option<(u64, u64)>);
+
+/// One look for [`running_pid`].
+fn running_pid_once(pid_path: &Path) -> Result<Look> {
+    let Some(file) = open_pid_file(pid_path)? else {
+        return Ok((Ok(None), None));
     };
     let meta = file
         .metadata()
         .map_err(|e| io_at("examine PID file", pid_path, e))?;
     let id = (meta.dev(), meta.ino());
+    Ok((holder_of(file, id, pid_path), Some(id)))
+}
+
+/// Who holds the claim on the open PID file `file` (`id`, at `pid_path`).
+fn holder_of(mut file: File, id: (u64, u64), pid_path: &Path) -> Result<Option<u32>> {
     let unknown = || {
         Err(LifecycleError::HolderUnknown {
             path: pid_path.to_path_buf(),
@@ -370,6 +401,81 @@ pub(crate) fn claim(
         pid_path,
         io::Error::other("the path changed 64 times during the claim"),
     ))
+}
+
+/// Puts a fresh PID file for `pid` over the one at `pid_path` (absolute),
+/// which the caller holds the claim on (`old`, its device and inode), so the
+/// claim passes to `pid` with no gap: the hand-over to a forked child.
+///
+/// The new file gets the PID, `mode` and an exclusive flock before it has
+/// its final name (a temp file beside the PID file, `O_EXCL|O_CLOEXEC`),
+/// and then replaces the old one in one step. At every instant the path
+/// names a complete file locked by a live process: the old inode stays
+/// locked by the caller's descriptors until they are closed, the new one by
+/// the returned [`File`]. A reader sees the old file or the new one, never
+/// a torn one, and a racer gets [`LifecycleError::AlreadyRunning`] from
+/// either.
+///
+/// On Linux the replacement is `renameat2(2)`'s `RENAME_EXCHANGE`, so what
+/// was at the path is checked *after* the swap: if it was not `old` (an
+/// operator put another file there), the swap is undone and the call fails,
+/// leaving their file in place. Elsewhere (and on filesystems without the
+/// flag) the path is checked, then `rename(2)`d over: the tiny window of
+/// any check-then-rename.
+pub(crate) fn replace_claimed(
+    pid_path: &Path,
+    pid: u32,
+    mode: u32,
+    old: (u64, u64),
+) -> Result<(File, (u64, u64))> {
+    let tmp = temp_file_beside(pid_path, pid)?;
+    tmp.as_file()
+        .try_lock()
+        .map_err(|e| io_at("lock new PID file", pid_path, io::Error::from(e)))?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_at("set mode of new PID file", pid_path, e))?;
+    let meta = tmp
+        .as_file()
+        .metadata()
+        .map_err(|e| io_at("examine new PID file", pid_path, e))?;
+    let ours = (meta.dev(), meta.ino());
+    let changed = || {
+        io_at(
+            "hand over PID file",
+            pid_path,
+            io::Error::other("it is no longer the file this guard wrote; left it untouched"),
+        )
+    };
+    match crate::sys::exchange(tmp.path(), pid_path) {
+        Ok(true) => {
+            // The temp name now holds what was at the PID path.
+            let (file, tmp_path) = tmp.into_parts();
+            let tmp_path = tmp_path
+                .keep()
+                .map_err(|e| io_at("keep temp file", pid_path, e.error))?;
+            if dev_ino(&tmp_path) == Some(old) {
+                remove_if_same(&tmp_path, old, "remove the old PID file")?;
+                return Ok((file, ours));
+            }
+            // Someone else's file was there: give it its place back.
+            let undo = crate::sys::exchange(&tmp_path, pid_path);
+            let _ = remove_if_same(&tmp_path, ours, "remove new PID file");
+            undo.map_err(|e| io_at("restore PID file", pid_path, e))?;
+            Err(changed())
+        }
+        Ok(false) => {
+            if dev_ino(pid_path) != Some(old) {
+                return Err(changed());
+            }
+            tmp.persist(pid_path)
+                .map(|file| (file, ours))
+                .map_err(|e| io_at("rename new PID file over", pid_path, e.error))
+        }
+        // The temp file is removed on drop.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(changed()),
+        Err(e) => Err(io_at("hand over PID file", pid_path, e)),
+    }
 }
 
 /// A complete PID file for this process that is not yet at its path.

@@ -11,11 +11,14 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use crate::error::{one_line, LifecycleError};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::error::{one_line, LifecycleError, Result};
 
 /// The variable that names the readiness pipe: `<fd>:<inode>`.
 pub(crate) const READY_FD_ENV: &str = "HISTORIA_READY_FD";
@@ -75,6 +78,12 @@ impl ReadyPipe {
         Some(ReadyPipe(unsafe { File::from_raw_fd(fd) }))
     }
 
+    /// The write end of a pipe this process made itself (daemonize's pipe
+    /// to the original process).
+    pub(crate) fn from_fd(fd: OwnedFd) -> ReadyPipe {
+        ReadyPipe(File::from(fd))
+    }
+
     /// Writes `ready` and closes the pipe.
     pub(crate) fn ready(self) {
         self.line(READY_LINE);
@@ -83,6 +92,21 @@ impl ReadyPipe {
     /// Writes `failed: <kind> <message>` and closes the pipe.
     pub(crate) fn failed(self, e: &LifecycleError) {
         self.line(&failure_line(e));
+    }
+
+    /// Writes `failed: <kind> <message>` for any error: a
+    /// [`LifecycleError`]'s own kind, `startup` for the rest (the daemon's
+    /// own start-up steps), and closes the pipe.
+    pub(crate) fn failed_with(self, e: &(dyn std::error::Error + 'static)) {
+        match e.downcast_ref::<LifecycleError>() {
+            Some(e) => self.failed(e),
+            None => self.line(&format!("failed: startup {}", one_line(e))),
+        }
+    }
+
+    /// Writes one line of its own (daemonize's `pid <n>`), keeping the pipe.
+    pub(crate) fn note(&self, line: &str) {
+        let _ = (&self.0).write_all(format!("{line}\n").as_bytes());
     }
 
     fn line(mut self, line: &str) {
@@ -137,6 +161,84 @@ pub(crate) fn parse_report(line: &str) -> Report {
     }
 }
 
+/// The read end of a readiness pipe: whole lines as they arrive, each wait
+/// bounded, so the waiting side keeps its deadline.
+#[derive(Debug)]
+pub(crate) struct LineReader {
+    pipe: File,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+/// What [`LineReader::next`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Polled {
+    /// One line, without its newline (at end of file, the unterminated rest).
+    Line(String),
+    /// End of file: every holder of the write end closed it or exited.
+    Eof,
+    /// Nothing whole yet within the wait.
+    Nothing,
+}
+
+impl LineReader {
+    pub(crate) fn new(pipe: File) -> Self {
+        LineReader {
+            pipe,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// The next line, waiting at most `wait` (`poll(2)`) for more to read.
+    pub(crate) fn next(&mut self, wait: Duration) -> Result<Polled> {
+        if let Some(line) = self.take_line() {
+            return Ok(Polled::Line(line));
+        }
+        if !self.eof {
+            let mut fds = [PollFd::new(self.pipe.as_fd(), PollFlags::POLLIN)];
+            let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX).max(1);
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => return Ok(Polled::Nothing),
+                Ok(_) => {}
+                Err(e) => return Err(LifecycleError::Io(e.into())),
+            }
+            let mut chunk = [0u8; 512];
+            match self.pipe.read(&mut chunk) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(LifecycleError::Io(e)),
+            }
+            if let Some(line) = self.take_line() {
+                return Ok(Polled::Line(line));
+            }
+        }
+        if self.eof {
+            if self.buf.is_empty() {
+                return Ok(Polled::Eof);
+            }
+            // A last line without its newline still counts.
+            let rest = std::mem::take(&mut self.buf);
+            return Ok(Polled::Line(String::from_utf8_lossy(&rest).into_owned()));
+        }
+        Ok(Polled::Nothing)
+    }
+
+    /// Removes and returns the first whole line, or a 4 KiB run without a
+    /// newline (no report is that long: not ours).
+    fn take_line(&mut self) -> Option<String> {
+        let end = match self.buf.iter().position(|&b| b == b'\n') {
+            Some(end) => end,
+            None if self.buf.len() > 4096 => self.buf.len(),
+            None => return None,
+        };
+        let line = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        self.buf.drain(..(end + 1).min(self.buf.len()));
+        Some(line)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +283,45 @@ mod tests {
             Report::Failed("invalid-argument invalid paths: two lines".into())
         );
         assert!(matches!(parse_report("hello"), Report::Failed(m) if m.contains("hello")));
+    }
+
+    #[test]
+    fn line_reader_gives_each_line_then_the_unterminated_rest_then_eof() {
+        let (r, w) = crate::sys::cloexec_pipe().unwrap();
+        let mut w = File::from(w);
+        w.write_all(b"pid 7\nready\nfail").unwrap();
+        drop(w);
+        let mut reader = LineReader::new(File::from(r));
+        let wait = Duration::from_millis(100);
+        assert_eq!(reader.next(wait).unwrap(), Polled::Line("pid 7".into()));
+        assert_eq!(reader.next(wait).unwrap(), Polled::Line("ready".into()));
+        assert_eq!(reader.next(wait).unwrap(), Polled::Line("fail".into()));
+        assert_eq!(reader.next(wait).unwrap(), Polled::Eof);
+        assert_eq!(reader.next(wait).unwrap(), Polled::Eof);
+    }
+
+    #[test]
+    fn line_reader_waits_at_most_its_bound() {
+        let (r, _w) = crate::sys::cloexec_pipe().unwrap();
+        let mut reader = LineReader::new(File::from(r));
+        assert_eq!(
+            reader.next(Duration::from_millis(1)).unwrap(),
+            Polled::Nothing
+        );
+    }
+
+    #[test]
+    fn failures_of_other_errors_are_startup_reports() {
+        let (r, w) = crate::sys::cloexec_pipe().unwrap();
+        let e = std::io::Error::other("cannot open the database /var/x.db");
+        ReadyPipe::from_fd(w).failed_with(&e);
+        let mut reader = LineReader::new(File::from(r));
+        let Polled::Line(line) = reader.next(Duration::from_secs(5)).unwrap() else {
+            panic!("no line")
+        };
+        assert_eq!(
+            parse_report(&line),
+            Report::Failed("startup cannot open the database /var/x.db".into())
+        );
     }
 }

@@ -60,7 +60,10 @@ use crate::error::{LifecycleError, Result};
 /// A child created with `fork(2)` (without `exec`) inherits the handler but is
 /// not the guard's owner: a signal takes the child's previous disposition and
 /// touches none of the parent's files. After `exec`, handlers are reset by
-/// the kernel.
+/// the kernel. A child that takes the claim over
+/// ([`PidFileGuard::take_over_after_fork`](crate::PidFileGuard::take_over_after_fork),
+/// or [`daemonize`](crate::PidFileGuardBuilder::daemonize)) gets its own
+/// signal thread and the guard's actions from then on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum SignalMode {
@@ -200,6 +203,11 @@ impl SignalTable {
         };
         table.set_mode(mode);
         table
+    }
+
+    /// A table that acts on no signal (installs nothing).
+    pub(crate) fn none() -> Self {
+        SignalTable::from_mode(SignalMode::Off)
     }
 
     /// Applies a shorthand to SIGTERM and SIGINT, replacing what they had.

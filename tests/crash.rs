@@ -8,6 +8,10 @@
 
 mod common;
 
+// The tests are #[serial]: they acquire and probe in the test process, and
+// a child another test forks holds copies of our descriptors (with their
+// flocks) until it execs.
+use serial_test::serial;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
@@ -148,6 +152,7 @@ fn is_pid_temp_file(name: &str) -> bool {
 /// P2: a SIGKILLed holder leaves a stale socket and PID file; the next
 /// acquire (another process) reclaims both by itself, several times over.
 #[test]
+#[serial]
 fn p2_sigkilled_holder_is_reclaimed_by_the_next_acquire() {
     let p = paths();
     let mut holder = p.child("hold").spawn();
@@ -177,6 +182,7 @@ fn p2_sigkilled_holder_is_reclaimed_by_the_next_acquire() {
 /// after a random delay, 50 times; each time a fresh acquire succeeds, and
 /// nothing but the two paths and leftover PID temp files is found.
 #[test]
+#[serial]
 fn p2_sigkill_at_random_points_never_blocks_the_next_start() {
     const ITERATIONS: usize = 50;
     let seed = Rng::clock_seed();
@@ -231,6 +237,7 @@ fn p2_sigkill_at_random_points_never_blocks_the_next_start() {
 /// process (PID 1, a running `sleep`, this test process) or the acquirer's
 /// own PID blocks no start: the acquire succeeds and replaces it.
 #[test]
+#[serial]
 fn p2_pid_file_content_never_blocks_a_start() {
     let mut sleep = Command::new("sleep")
         .arg("30")
@@ -284,6 +291,7 @@ fn p2_pid_file_content_never_blocks_a_start() {
 /// P2: a stale socket with no PID file (the PID file removed by hand, say)
 /// is reclaimed too.
 #[test]
+#[serial]
 fn p2_stale_socket_without_pid_file_is_reclaimed() {
     let p = paths();
     let mut holder = p.child("hold").spawn();
@@ -305,6 +313,7 @@ fn p2_stale_socket_without_pid_file_is_reclaimed() {
 /// nothing. Once the forked child dies, the next acquire reclaims the files.
 /// With the forked child's listener closed, only the lock says "running".
 #[test]
+#[serial]
 fn p2_running_pid_never_names_the_dead_locker_of_a_lock_kept_by_a_forked_child() {
     for variant in ["keep-listener", "close-listener"] {
         let p = paths();

@@ -24,18 +24,26 @@ pub struct Parsed {
     pub word: Option<String>,
     pub socket: Option<PathBuf>,
     pub pid: Option<PathBuf>,
+    /// `--daemonize` (the daemon only).
+    pub daemonize: bool,
+    /// `--log PATH` (the daemon only).
+    pub log: Option<PathBuf>,
 }
 
 /// Parses `--socket PATH`, `--pid PATH` (also `--opt=PATH`), `-h`/`--help`
-/// and at most one positional word from `words`. `Ok(None)` means help.
+/// and at most one positional word from `words`; with `daemon_options`
+/// also `--daemonize` and `--log PATH`. `Ok(None)` means help.
 pub fn parse_args(
     mut args: impl Iterator<Item = OsString>,
     words: &[&str],
+    daemon_options: bool,
 ) -> Result<Option<Parsed>, String> {
     let mut parsed = Parsed {
         word: None,
         socket: None,
         pid: None,
+        daemonize: false,
+        log: None,
     };
     while let Some(arg) = args.next() {
         let Some(text) = arg.to_str() else {
@@ -49,6 +57,11 @@ pub fn parse_args(
             "-h" | "--help" => return Ok(None),
             "--socket" => &mut parsed.socket,
             "--pid" => &mut parsed.pid,
+            "--daemonize" if daemon_options && inline.is_none() => {
+                parsed.daemonize = true;
+                continue;
+            }
+            "--log" if daemon_options => &mut parsed.log,
             w if parsed.word.is_none() && words.contains(&w) => {
                 parsed.word = Some(w.to_owned());
                 continue;

@@ -87,6 +87,45 @@ pub(crate) fn link_unnamed(file: &File, path: &Path) -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
+/// Swaps the files at `a` and `b` in one step (`renameat2(2)` with
+/// `RENAME_EXCHANGE`), both of which must exist. `Ok(false)` where the
+/// kernel, the filesystem or the C library cannot (`EINVAL`, `ENOSYS`, not
+/// glibc); the caller then falls back to `rename(2)`.
+pub(crate) fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::errno::Errno;
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        match renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE) {
+            Ok(()) => Ok(true),
+            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
+}
+
+/// The names (`comm`) of every thread in this process but the calling one,
+/// from `/proc/self/task`; `None` without `/proc`.
+pub(crate) fn other_threads() -> Option<Vec<String>> {
+    let me = nix::unistd::gettid().as_raw().to_string();
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    let names = tasks
+        .flatten()
+        .filter(|t| t.file_name().to_str() != Some(me.as_str()))
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .map(|c| c.trim_end().to_owned())
+                .unwrap_or_else(|_| "?".into())
+        })
+        .collect();
+    Some(names)
+}
+
 pub(crate) fn pidfd_open(pid: u32) -> nix::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor

@@ -18,7 +18,7 @@ mod imp;
 
 // stream_socket, signal_pipe, cloexec_pipe, unnamed_file_in, link_unnamed,
 // pidfd_open, pidfd_send_signal, cloexec_from, process_has_open,
-// flock_holder.
+// flock_holder, exchange, other_threads.
 pub(crate) use imp::*;
 
 /// Longest socket path, in bytes, that fits `sun_path` with its NUL: 107 on
@@ -31,6 +31,41 @@ pub(crate) const SUN_PATH_MAX: usize = {
     let len = unsafe { std::mem::size_of_val(&(*addr.as_ptr()).sun_path) };
     len - 1
 };
+
+/// The descriptors open in this process: the entries of `/proc/self/fd`
+/// (Linux) or `/dev/fd` (macOS, the BSDs), else every number below
+/// `sysconf(_SC_OPEN_MAX)` (at most 65536) that `fcntl(F_GETFD)` accepts.
+/// The directory's own descriptor is left out.
+pub(crate) fn open_fds() -> Vec<std::os::fd::RawFd> {
+    use std::os::fd::RawFd;
+    for dir in ["/proc/self/fd", "/dev/fd"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            let mut fds: Vec<RawFd> = entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            // The listing's own descriptor is closed by now.
+            fds.retain(|&fd| fd_flags(fd).is_some());
+            fds.sort_unstable();
+            return fds;
+        }
+    }
+    // SAFETY: sysconf(3) only reads a limit; nix wraps it only behind its
+    // "feature" feature, which this crate does not enable.
+    let max = unsafe { nix::libc::sysconf(nix::libc::_SC_OPEN_MAX) };
+    let max = if max <= 0 { 1024 } else { max.min(65536) } as RawFd;
+    (0..max).filter(|&fd| fd_flags(fd).is_some()).collect()
+}
+
+/// `fcntl(F_GETFD)` of `fd`: its descriptor flags, `None` when it is not
+/// open.
+pub(crate) fn fd_flags(fd: std::os::fd::RawFd) -> Option<nix::fcntl::FdFlag> {
+    // SAFETY: only borrowed for one fcntl; a closed number answers EBADF.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_GETFD)
+        .ok()
+        .map(nix::fcntl::FdFlag::from_bits_truncate)
+}
 
 /// Sets `O_NONBLOCK` on `fd`, keeping its other status flags.
 fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {

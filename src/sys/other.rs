@@ -115,3 +115,15 @@ pub(crate) fn dup_cloexec_onto(fd: RawFd, target: RawFd) -> std::io::Result<()> 
     }
     Ok(())
 }
+
+/// No exchanging rename here (macOS's `renamex_np` is not used): the caller
+/// checks the path, then `rename(2)`s over it.
+pub(crate) fn exchange(_a: &Path, _b: &Path) -> std::io::Result<bool> {
+    Ok(false)
+}
+
+/// No portable way to list a process's threads: `None`, and daemonize's
+/// "no other threads" rule is documented, not checked.
+pub(crate) fn other_threads() -> Option<Vec<String>> {
+    None
+}

@@ -43,7 +43,7 @@ pub fn example(name: &str) -> PathBuf {
             // Only ours: a broken unrelated example must not fail these tests.
             .args(["build", "--quiet", "--profile", profile])
             .args(["--example", "daemon", "--example", "ctl"])
-            .args(["--example", "crash_point"])
+            .args(["--example", "crash_point", "--example", "forking"])
             .arg("--target-dir")
             .arg(target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
