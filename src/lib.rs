@@ -136,6 +136,8 @@
 //! claim while they look, reclaim it.
 
 #![cfg(unix)]
+// docs.rs marks the `tokio` feature's items (Cargo.toml sets `--cfg docsrs`).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
@@ -158,6 +160,9 @@ mod shutdown;
 mod signals;
 mod sync;
 mod sys;
+#[cfg(feature = "tokio")]
+mod tokio_listener;
+mod waiters;
 
 pub use activation::{activated_listener, Activation};
 pub use client::{
@@ -177,7 +182,7 @@ pub use probe::{
     check_singleton, cleanup_socket_file, probe_socket, try_check_singleton, SingletonCheck,
     SocketState,
 };
-pub use shutdown::Shutdown;
+pub use shutdown::{Shutdown, ShutdownRequested};
 pub use signals::SignalMode;
 
 // The README's and the seed description's snippets run as doctests, so the
