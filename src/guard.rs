@@ -91,7 +91,8 @@ pub const DEFAULT_BACKLOG: i32 = 128;
 ///   close-on-exec, so programs the daemon spawns do not keep the claim
 ///   alive. A child made by a bare `fork` (no `exec`) shares the flock until
 ///   it exits; the claim outlives the parent that long.
-/// - **Tokio.** Convert the listener after acquiring:
+/// - **Tokio.** Feature `tokio`: `take_tokio_listener()` converts the
+///   listener inside the runtime (non-blocking first). By hand:
 ///   `listener.set_nonblocking(true)?; tokio::net::UnixListener::from_std(listener)?`.
 /// - The socket file is removed at cleanup even if you took the listener and
 ///   still hold it; it is unreachable from then on.
