@@ -129,7 +129,7 @@ async fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<d
 
     // Non-blocking, registered with this runtime; the guard keeps the duty
     // to remove the socket file.
-    let listener = Announce(guard.take_tokio_listener()?);
+    let listener = Announce::new(guard.take_tokio_listener()?);
     let started = Instant::now();
     let pid = guard.pid();
     let app = Router::new()
@@ -197,23 +197,36 @@ async fn slow() -> String {
 /// The guard's listener as axum serves it, saying when axum drops it: from
 /// then on new connections are refused, while the socket file stays until
 /// the guard is closed.
-struct Announce(tokio::net::UnixListener);
+struct Announce(Option<tokio::net::UnixListener>);
+
+impl Announce {
+    fn new(listener: tokio::net::UnixListener) -> Self {
+        Announce(Some(listener))
+    }
+
+    fn listener(&self) -> &tokio::net::UnixListener {
+        self.0.as_ref().expect("open until dropped")
+    }
+}
 
 impl axum::serve::Listener for Announce {
     type Io = tokio::net::UnixStream;
     type Addr = tokio::net::unix::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        axum::serve::Listener::accept(&mut self.0).await
+        let listener = self.0.as_mut().expect("open until dropped");
+        axum::serve::Listener::accept(listener).await
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.0.local_addr()
+        self.listener().local_addr()
     }
 }
 
 impl Drop for Announce {
     fn drop(&mut self) {
+        // Closed first, so whoever reads the line finds connections refused.
+        drop(self.0.take());
         say!("stopped accepting");
     }
 }

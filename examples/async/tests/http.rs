@@ -127,25 +127,19 @@ fn sigterm_mid_request_drains_it_refuses_new_connections_removes_files_and_exits
     let status = d.wait_exit();
     assert_eq!(status.code(), Some(143), "{status}\n{}", d.output());
     p.assert_gone();
-    assert_eq!(
-        log_lines(
-            &d,
-            &[
-                "shutting down (SIGTERM)",
-                "stopped accepting",
-                "drained",
-                "stopped"
-            ]
-        ),
-        [
+    // axum's task and ours await the same future, in either order; both
+    // come before the drain ends, and the guard closes after it.
+    let order = log_lines(
+        &d,
+        &[
             "shutting down (SIGTERM)",
             "stopped accepting",
             "drained",
-            "stopped"
+            "stopped",
         ],
-        "{}",
-        d.output()
     );
+    assert_eq!(order.len(), 4, "{}", d.output());
+    assert_eq!(order[2..], ["drained", "stopped"], "{}", d.output());
 }
 
 /// The drain is bounded: a client that sent half a request and then
