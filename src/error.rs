@@ -193,6 +193,14 @@ pub enum LifecycleError {
         /// How long was waited.
         waited: std::time::Duration,
     },
+
+    /// A method that needs a tokio runtime (feature `tokio`:
+    /// `DaemonGuard::take_tokio_listener`) was called outside one, where
+    /// tokio itself would panic. Nothing was changed: the listener is still
+    /// in the guard. Call it inside the runtime (`#[tokio::main]`, a task,
+    /// or after `Runtime::enter`).
+    #[error("no tokio runtime is running on this thread (call this inside the runtime)")]
+    NoRuntime,
 }
 
 fn tail_text(output: &str) -> String {
@@ -220,7 +228,8 @@ impl LifecycleError {
     /// [`SocketInUse`](Self::SocketInUse). The others answer `None`:
     /// [`AlreadyRunning`](Self::AlreadyRunning),
     /// [`StaleSocketCleaned`](Self::StaleSocketCleaned) and
-    /// [`Signals`](Self::Signals) are about no path, and
+    /// [`Signals`](Self::Signals) and [`NoRuntime`](Self::NoRuntime) are
+    /// about no path, and
     /// [`InvalidArgument`](Self::InvalidArgument) is about the values passed
     /// in (its message quotes them, two paths when both name one file), not
     /// about a file found on disk.
@@ -252,7 +261,8 @@ impl LifecycleError {
             LifecycleError::AlreadyRunning
             | LifecycleError::StaleSocketCleaned
             | LifecycleError::InvalidArgument { .. }
-            | LifecycleError::Signals(_) => None,
+            | LifecycleError::Signals(_)
+            | LifecycleError::NoRuntime => None,
         }
     }
 }
@@ -544,9 +554,10 @@ mod tests {
             LifecycleError::StartFailed { .. } => 11,
             LifecycleError::DaemonExited { .. } => 12,
             LifecycleError::Timeout { .. } => 13,
+            LifecycleError::NoRuntime => 14,
         }
     }
-    const VARIANTS: usize = 14;
+    const VARIANTS: usize = 15;
 
     #[test]
     fn path_answers_for_every_variant_that_names_one() {
@@ -630,6 +641,7 @@ mod tests {
                 },
                 Some(odd),
             ),
+            (LifecycleError::NoRuntime, None),
         ];
         let mut seen = [false; VARIANTS];
         for (e, want) in &samples {
@@ -658,6 +670,7 @@ mod tests {
                 path: "/d".into(),
                 reason: "mode 0777".into(),
             },
+            LifecycleError::NoRuntime,
         ];
         for e in all {
             let m = e.to_string();

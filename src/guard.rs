@@ -102,7 +102,8 @@ pub const DEFAULT_BACKLOG: i32 = 128;
 ///   close-on-exec, so programs the daemon spawns do not keep the claim
 ///   alive. A child made by a bare `fork` (no `exec`) shares the flock until
 ///   it exits; the claim outlives the parent that long.
-/// - **Tokio.** Convert the listener after acquiring:
+/// - **Tokio.** Feature `tokio`: `take_tokio_listener()` converts the
+///   listener inside the runtime (non-blocking first). By hand:
 ///   `listener.set_nonblocking(true)?; tokio::net::UnixListener::from_std(listener)?`.
 /// - The socket file is removed at cleanup even if you took the listener and
 ///   still hold it; it is unreachable from then on.
@@ -195,6 +196,96 @@ impl DaemonGuard {
     pub fn take_listener(&mut self) -> Option<UnixListener> {
         let spare = self.slot.release_held();
         self.listener.take().or(spare)
+    }
+
+    /// Takes the bound listener out of the guard as a
+    /// `tokio::net::UnixListener`, registered with the current tokio
+    /// runtime, as [`take_listener`](Self::take_listener) does for the std
+    /// one. Call it inside the runtime (in `#[tokio::main]`, a task, or
+    /// after `Runtime::enter`).
+    ///
+    /// The socket is made non-blocking first (`O_NONBLOCK`, which tokio
+    /// needs and, since 1.44, asserts in debug builds); it stays
+    /// close-on-exec. `O_NONBLOCK` belongs to the open file description, so
+    /// a [`try_clone`](UnixListener::try_clone) of the listener made before
+    /// turns non-blocking too.
+    ///
+    /// # Taken, not duplicated
+    /// The guard gives the listener up rather than keeping a `dup(2)` of it:
+    /// a duplicate would share the non-blocking flag with the guard's copy
+    /// (breaking a blocking `accept(2)` on [`listener`](Self::listener)), and
+    /// would keep the socket open, queueing connections nobody accepts, after
+    /// the server stopped. So the server's listener is the only one: when
+    /// the server drops it (axum's graceful shutdown does, as soon as the
+    /// shutdown is requested) new connections are refused at once, while
+    /// requests in progress finish.
+    ///
+    /// - **Cleanup** still removes the socket file (then the PID file) on
+    ///   Drop, [`close`](Self::close) or a signal, whoever holds the
+    ///   listener. Stop the server (drop the listener) before closing the
+    ///   guard; a listener that outlives the guard can no longer be reached
+    ///   by path, and the next instance binds the path anew.
+    /// - **[`rebind`](Self::rebind)** puts a fresh listener back in the
+    ///   guard; the one taken before is bound to the deleted file and can
+    ///   never be reached again. Take the new one with this method and
+    ///   swap it into the accept loop.
+    ///
+    /// ```
+    /// # #[cfg(feature = "tokio")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use historia_lifecycle::{DaemonGuard, LifecycleError};
+    /// let dir = tempfile::tempdir()?;
+    /// let sock = dir.path().join("d.sock");
+    /// let mut guard = DaemonGuard::acquire(&sock, dir.path().join("d.pid"))?;
+    ///
+    /// // Outside a runtime: an error, and the listener stays in the guard.
+    /// assert!(matches!(guard.take_tokio_listener(), Err(LifecycleError::NoRuntime)));
+    ///
+    /// let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    /// rt.block_on(async {
+    ///     let listener = guard.take_tokio_listener()?;
+    ///     let client = std::os::unix::net::UnixStream::connect(&sock)?;
+    ///     let (_stream, _) = listener.accept().await?;
+    ///     # drop(client);
+    ///     Ok::<_, Box<dyn std::error::Error>>(())
+    /// })?;
+    /// guard.close()?; // removes the socket file and the PID file
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "tokio"))]
+    /// # fn main() {}
+    /// ```
+    ///
+    /// # Errors
+    /// - [`LifecycleError::NoRuntime`](crate::LifecycleError::NoRuntime)
+    ///   outside a tokio runtime; the listener stays in the guard.
+    /// - [`LifecycleError::InvalidArgument`](crate::LifecycleError::InvalidArgument)
+    ///   when the listener was already taken (by this method or
+    ///   [`take_listener`](Self::take_listener)).
+    /// - [`LifecycleError::Io`](crate::LifecycleError::Io) when `fcntl(2)`
+    ///   cannot set `O_NONBLOCK` (the listener stays in the guard), or the
+    ///   runtime cannot register it (`epoll_ctl(2)`, `kevent(2)`; the
+    ///   listener is then closed, and the socket file stays until cleanup).
+    ///
+    /// # Panics
+    /// In a runtime built without its I/O driver (a `Builder` without
+    /// `enable_io()` or `enable_all()`), as tokio's `from_std` does: tokio
+    /// offers no way to ask first.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub fn take_tokio_listener(&mut self) -> Result<tokio::net::UnixListener> {
+        // A signal must not move a socket onto a descriptor tokio owns; a
+        // listener a signal re-created after an earlier take is the one to
+        // hand out.
+        let spare = self.slot.release_held();
+        if self.listener.is_none() {
+            self.listener = spare;
+        }
+        let taken = crate::tokio_listener::take(&mut self.listener, &self.socket_path);
+        if let Some(still) = &self.listener {
+            self.slot.hold(still.as_raw_fd());
+        }
+        taken
     }
 
     /// The PID written to the PID file: this process's.

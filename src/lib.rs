@@ -139,6 +139,85 @@
 //! [`stop`] (SIGTERM through a pidfd, SIGKILL after the deadline, never a
 //! recycled PID or a restarted daemon).
 //!
+//! # tokio / async
+//! [`Shutdown::requested`] is the shutdown request as a future: no runtime
+//! and no thread of its own (the crate's one signal thread wakes it), so any
+//! executor drives it; any number of tasks may await it, it is cancel-safe,
+//! and it resolves at once if the request came first. With feature `tokio`
+//! (off by default), `DaemonGuard::take_tokio_listener` hands the socket to
+//! the runtime, non-blocking and still close-on-exec, and answers
+//! [`LifecycleError::NoRuntime`] outside one instead of tokio's panic.
+//!
+//! The core of `examples/async` (axum, so no doctest here; CI builds and
+//! tests it with curl): on SIGTERM axum stops accepting at once, the
+//! request in progress gets its whole answer, then both files go and the
+//! daemon exits 143.
+//!
+//! ```ignore
+//! let mut guard = DaemonGuard::builder(&socket_path, &pid_path)
+//!     .signals(SignalMode::Graceful)
+//!     .acquire()?;
+//! let listener = guard.take_tokio_listener()?;
+//! let server = tokio::spawn(
+//!     axum::serve(listener, app)
+//!         .with_graceful_shutdown(guard.shutdown().requested())
+//!         .into_future(),
+//! );
+//! guard.ready()?;
+//! guard.shutdown().requested().await;
+//! let _ = tokio::time::timeout(DRAIN_TIMEOUT, server).await;
+//! let code = guard.shutdown().exit_code(); // 143 after SIGTERM
+//! guard.close()?;
+//! std::process::exit(code);
+//! ```
+//!
+//! The same with tokio alone (runs with `--features tokio`):
+//!
+//! ```
+//! # #[cfg(feature = "tokio")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use historia_lifecycle::{DaemonGuard, SignalMode};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let mut guard = DaemonGuard::builder(dir.path().join("d.sock"), dir.path().join("d.pid"))
+//!     .signals(SignalMode::Graceful)
+//!     .acquire()?;
+//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! let code = rt.block_on(async {
+//!     let listener = guard.take_tokio_listener()?;
+//!     let server = tokio::spawn(async move {
+//!         while let Ok((stream, _)) = listener.accept().await {
+//!             tokio::spawn(async move {
+//!                 if stream.writable().await.is_ok() {
+//!                     let _ = stream.try_write(b"hello\n");
+//!                 }
+//!             });
+//!         }
+//!     });
+//!     guard.ready()?;
+//!     guard.shutdown().request(); // here; in a daemon, SIGTERM or a `stop` command
+//!     guard.shutdown().requested().await;
+//!     server.abort(); // stop accepting: the listener closes, connects are refused
+//!     Ok::<_, Box<dyn std::error::Error>>(guard.shutdown().exit_code())
+//! })?;
+//! guard.close()?;
+//! assert_eq!(code, 0); // 0 after request(), 143 after SIGTERM
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "tokio"))]
+//! # fn main() {}
+//! ```
+//!
+//! The guard gives its listener up rather than a `dup(2)`, so once the
+//! server drops it new connections are refused; after
+//! [`DaemonGuard::rebind`], take the fresh one again. A tokio
+//! `signal(SignalKind::terminate())` stream, registered before or after
+//! acquiring, sees SIGTERM too in [`SignalMode::Graceful`]; the default
+//! [`SignalMode::Exit`] still removes the files and ends the process.
+//! There is no tokio-util `CancellationToken` bridge: the future already
+//! fits `select!` and every graceful-shutdown hook, and a token is three
+//! lines away (spawn a task that awaits `requested()`, then `cancel()`s).
+//!
 //! # Design
 //! - **One claim, several front doors.** Every guard rests on the same
 //!   claim: an exclusive flock on the PID file, held for the guard's life.
@@ -156,8 +235,9 @@
 //!   a `chdir(2)` in between changes nothing.
 //! - **No hangs.** Probes use a non-blocking `connect(2)`; PID files are
 //!   opened `O_NONBLOCK|O_NOFOLLOW` and read with a 64-byte bound.
-//! - **Synchronous.** No async runtime is needed; everything runs before one
-//!   starts (and daemonizing must: `fork(2)` keeps only the calling thread).
+//! - **Synchronous core.** No async runtime is needed; acquiring runs
+//!   before one starts (and daemonizing must: `fork(2)` keeps only the
+//!   calling thread), and the shutdown future needs none.
 //!
 //! # Security
 //! Put the socket and PID file in a private runtime dir: [`runtime_dir`]
@@ -209,6 +289,8 @@
 //! claim while they look, reclaim it.
 
 #![cfg(unix)]
+// docs.rs marks the `tokio` feature's items (Cargo.toml sets `--cfg docsrs`).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
@@ -235,6 +317,9 @@ mod signal_thread;
 mod signals;
 mod sync;
 mod sys;
+#[cfg(feature = "tokio")]
+mod tokio_listener;
+mod waiters;
 
 pub use activation::{activated_listener, Activation};
 pub use client::{
@@ -255,8 +340,8 @@ pub use probe::{
     check_singleton, cleanup_socket_file, probe_socket, try_check_singleton, SingletonCheck,
     SocketState,
 };
-pub use reload::{Reload, Reloading};
-pub use shutdown::Shutdown;
+pub use reload::{Reload, ReloadRequested, Reloading};
+pub use shutdown::{Shutdown, ShutdownRequested};
 pub use signals::{SignalAction, SignalMode};
 
 // The README's and the seed description's snippets run as doctests, so the

@@ -3,18 +3,21 @@
 //! [`Reload::request`]), taken by the daemon's main loop and acknowledged to
 //! the service manager.
 
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use crate::error::Result;
 use crate::notify::Notifier;
-use crate::sync::lock;
+use crate::waiters::{WaitSlot, Watch};
 
 /// A reload request for a daemon: set by a signal whose action is
 /// [`SignalAction::Reload`](crate::SignalAction::Reload) (SIGHUP by
 /// convention), or by [`Reload::request`] (a `reload` command on the
-/// daemon's socket, say); taken by the daemon with [`wait`](Self::wait)
-/// or [`take`](Self::take).
+/// daemon's socket, say); taken by the daemon with [`wait`](Self::wait),
+/// [`take`](Self::take) or the future [`requested`](Self::requested).
 ///
 /// Requests that arrive before one is taken count once: three SIGHUPs
 /// while the daemon is busy mean one reload, as for most daemons (the
@@ -54,8 +57,8 @@ pub struct Reload {
 
 #[derive(Debug, Default)]
 struct Inner {
-    state: Mutex<State>,
-    cv: Condvar,
+    /// Threads and futures wait on it.
+    state: Watch<State>,
     /// The service manager told about reloads; set once at acquire.
     notifier: Option<Notifier>,
 }
@@ -70,6 +73,11 @@ struct State {
     last: i32,
 }
 
+/// Takes the waiting request: the condition every waiter checks.
+fn take_pending(state: &mut State) -> Option<()> {
+    std::mem::take(&mut state.pending).then_some(())
+}
+
 impl Reload {
     /// A handle that reports reloads to `notifier`.
     pub(crate) fn new(notifier: Option<Notifier>) -> Self {
@@ -81,71 +89,92 @@ impl Reload {
         }
     }
 
-    /// Asks for a reload, waking a [`wait`](Self::wait)er.
+    /// Asks for a reload, waking a [`wait`](Self::wait)er or a
+    /// [`requested`](Self::requested) future.
     pub fn request(&self) {
         self.set(0);
     }
 
     /// Records a request with reason `why` (0, or a signal number).
     pub(crate) fn set(&self, why: i32) {
-        let mut state = lock(&self.inner.state);
-        state.pending = true;
-        state.received += 1;
-        state.last = why;
-        self.inner.cv.notify_all();
+        self.inner.state.update(|state| {
+            state.pending = true;
+            state.received += 1;
+            state.last = why;
+        });
     }
 
     /// Whether a request is waiting to be taken.
     pub fn is_pending(&self) -> bool {
-        lock(&self.inner.state).pending
+        self.inner.state.read(|state| state.pending)
     }
 
     /// Takes the waiting request, if there is one: `true` means "reload now".
     /// Never blocks; for a loop that polls between other work.
     pub fn take(&self) -> bool {
-        std::mem::take(&mut lock(&self.inner.state).pending)
+        self.inner
+            .state
+            .wait_until(Some(Duration::ZERO), take_pending)
+            .is_some()
     }
 
     /// Blocks until a request is waiting, and takes it.
     pub fn wait(&self) {
-        let mut state = lock(&self.inner.state);
-        while !state.pending {
-            state = self.inner.cv.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
-        state.pending = false;
+        self.inner.state.wait_until(None, take_pending);
     }
 
     /// Blocks until a request is waiting or `timeout` passes; takes it and
     /// returns `true`, or returns `false` on timeout.
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = lock(&self.inner.state);
-        while !state.pending {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            state = self
-                .inner
-                .cv
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        self.inner
+            .state
+            .wait_until(Some(timeout), take_pending)
+            .is_some()
+    }
+
+    /// A future that resolves once a request is waiting, and takes it: the
+    /// async [`wait`](Self::wait), for any executor (no runtime needed),
+    /// cancel-safe (a future dropped before it resolved takes nothing).
+    /// With several waiting, one request wakes them all and one takes it;
+    /// the others wait for the next.
+    ///
+    /// ```
+    /// # use historia_lifecycle::Reload;
+    /// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     use std::task::{Context, Poll, Wake, Waker};
+    /// #     struct W(std::thread::Thread);
+    /// #     impl Wake for W { fn wake(self: std::sync::Arc<Self>) { self.0.unpark() } }
+    /// #     let waker = Waker::from(std::sync::Arc::new(W(std::thread::current())));
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     loop {
+    /// #         if let Poll::Ready(v) = f.as_mut().poll(&mut Context::from_waker(&waker)) { return v; }
+    /// #         std::thread::park();
+    /// #     }
+    /// # }
+    /// let reload = Reload::default();
+    /// let other = reload.clone();
+    /// std::thread::spawn(move || other.request()); // or SIGHUP
+    /// block_on(reload.requested()); // e.g. in a tokio::select! loop
+    /// assert!(!reload.is_pending());
+    /// ```
+    pub fn requested(&self) -> ReloadRequested {
+        ReloadRequested {
+            reload: self.clone(),
+            slot: WaitSlot::default(),
         }
-        state.pending = false;
-        true
     }
 
     /// How many requests arrived so far, taken or not.
     pub fn count(&self) -> u64 {
-        lock(&self.inner.state).received
+        self.inner.state.read(|state| state.received)
     }
 
     /// The signal behind the latest request (`libc::SIGHUP`), or `None` when
     /// none came, or it came from [`request`](Self::request).
     pub fn signal(&self) -> Option<i32> {
-        let state = lock(&self.inner.state);
-        (state.received > 0 && state.last != 0).then_some(state.last)
+        self.inner
+            .state
+            .read(|state| (state.received > 0 && state.last != 0).then_some(state.last))
     }
 
     /// Starts acknowledging a reload: tells the service manager
@@ -165,6 +194,38 @@ impl Reload {
             reload: self,
             done: false,
         })
+    }
+}
+
+/// The future [`Reload::requested`] returns: resolves once a reload request
+/// is waiting, and takes it.
+///
+/// `'static + Send + Sync + Unpin` and cancel-safe.
+#[derive(Debug)]
+#[must_use = "futures do nothing unless awaited or polled"]
+pub struct ReloadRequested {
+    reload: Reload,
+    /// Its place in the waker list, once polled.
+    slot: WaitSlot,
+}
+
+impl Future for ReloadRequested {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        this.reload
+            .inner
+            .state
+            .poll_until(&mut this.slot, cx, take_pending)
+    }
+}
+
+impl Drop for ReloadRequested {
+    fn drop(&mut self) {
+        // Cancel safety: a future dropped before it resolved leaves no waker
+        // (and took nothing).
+        self.reload.inner.state.cancel(&mut self.slot);
     }
 }
 
@@ -241,6 +302,41 @@ mod tests {
         r.wait();
         t.join().unwrap();
         assert_eq!(r.count(), 1);
+    }
+
+    #[test]
+    fn the_future_takes_one_request_and_a_dropped_one_takes_nothing() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::{Wake, Waker};
+        #[derive(Default)]
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let r = Reload::default();
+        let (mut a, mut b) = (r.requested(), r.requested());
+        assert!(Pin::new(&mut a).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut b).poll(&mut cx).is_pending());
+        r.request();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2, "both woken");
+        assert!(Pin::new(&mut a).poll(&mut cx).is_ready());
+        assert!(Pin::new(&mut b).poll(&mut cx).is_pending(), "a took it");
+        drop(b);
+        r.request();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            2,
+            "the dropped one is not woken"
+        );
+        assert!(r.is_pending(), "and took nothing");
+        let mut c = r.requested();
+        assert!(Pin::new(&mut c).poll(&mut cx).is_ready(), "ready at once");
+        assert!(!r.is_pending());
     }
 
     #[test]
