@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use axum::{routing::get, Router};
-use historia_lifecycle::{running_pid, DaemonGuard, LifecycleError, SignalMode};
+use historia_lifecycle::{running_pid, DaemonGuard, LifecycleError, SignalAction, SignalMode};
 
 #[path = "../../shared/cli.rs"]
 mod cli;
@@ -107,8 +107,10 @@ async fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<d
 
     // Graceful: SIGTERM/SIGINT only wake `guard.shutdown()`, so the daemon
     // decides how to wind down; a second signal still ends it.
+    // SIGHUP: a reload request (`kill -HUP`, `systemctl reload`).
     let mut guard = match DaemonGuard::builder(&socket_path, &pid_path)
         .signals(SignalMode::Graceful)
+        .on_signal(libc::SIGHUP, SignalAction::Reload)
         .acquire()
     {
         Ok(guard) => guard,
@@ -132,11 +134,33 @@ async fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<d
     let listener = Announce::new(guard.take_tokio_listener()?);
     let started = Instant::now();
     let pid = guard.pid();
+    // Reloads: a task awaits each request. A real daemon re-reads its
+    // configuration here; this one counts, so `GET /` shows it.
+    let reloads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let (reload, reloads) = (guard.reload().clone(), reloads.clone());
+        tokio::spawn(async move {
+            loop {
+                reload.requested().await;
+                // RELOADING=1 … READY=1 to a manager waiting on the reload.
+                let reloading = reload.begin();
+                let n = reloads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if let Ok(r) = reloading {
+                    let _ = r.done();
+                }
+                say!("reloaded ({n})");
+            }
+        });
+    }
     let app = Router::new()
         .route(
             "/",
             get(move || async move {
-                format!("pid {pid} uptime {:.1}s\n", started.elapsed().as_secs_f64())
+                let n = reloads.load(std::sync::atomic::Ordering::SeqCst);
+                format!(
+                    "pid {pid} uptime {:.1}s reloads {n}\n",
+                    started.elapsed().as_secs_f64()
+                )
             }),
         )
         .route("/slow", get(slow));

@@ -78,6 +78,26 @@ fn get_is_answered_over_the_unix_socket_and_sigint_exits_130() {
     p.assert_gone();
 }
 
+/// SIGHUP is a reload request a task awaits (`Reload::requested`): the
+/// daemon keeps serving, `GET /` counts each reload, and both files stay.
+#[test]
+fn sighup_is_a_reload_the_async_daemon_awaits_and_it_keeps_serving() {
+    let p = paths();
+    let mut d = Daemon::start(daemon_cmd(&p));
+    for n in 1..=2 {
+        d.signal(Signal::SIGHUP);
+        d.wait_for_line(&format!("reloaded ({n})"));
+        let ran = run(curl(&p.sock, "/"));
+        assert_code(&ran, 0, "GET / after SIGHUP");
+        assert!(ran.stdout.ends_with(&format!(" reloads {n}\n")), "{ran}");
+    }
+    assert!(p.sock.exists() && p.pid.exists());
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(143), "{status}\n{}", d.output());
+    p.assert_gone();
+}
+
 /// The drain: a request in progress when SIGTERM arrives gets its whole
 /// answer, while new connections are refused at once; then both files are
 /// gone and the daemon exits 143.
