@@ -226,14 +226,7 @@ impl Launcher {
             .stdin(Stdio::null());
         let log_start = match &self.log_file {
             Some(path) => {
-                let log = OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(path)
-                    .map_err(|e| io_at("open log file", path, e))?;
-                let start = log.metadata().map(|m| m.len()).unwrap_or(0);
+                let (log, start) = crate::daemonize::open_log(path)?;
                 let err = log
                     .try_clone()
                     .map_err(|e| io_at("open log file", path, e))?;

@@ -368,8 +368,9 @@ fn wait_for_report(
 }
 
 /// The log file, opened for appending (0600 if created, never through a
-/// symlink, close-on-exec), and its length now.
-fn open_log(path: &Path) -> Result<(File, u64)> {
+/// symlink, close-on-exec), and its length now; also the client's
+/// [`Launcher::log_file`](crate::Launcher::log_file).
+pub(crate) fn open_log(path: &Path) -> Result<(File, u64)> {
     let file = OpenOptions::new()
         .append(true)
         .create(true)

@@ -306,33 +306,21 @@ mod tests {
 
     #[test]
     fn the_future_takes_one_request_and_a_dropped_one_takes_nothing() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::task::{Wake, Waker};
-        #[derive(Default)]
-        struct Count(AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let count = Arc::new(Count::default());
-        let waker = Waker::from(Arc::clone(&count));
+        use crate::waiters::testing::Counter;
+        let count = Arc::new(Counter::default());
+        let waker = Counter::waker(&count);
         let mut cx = Context::from_waker(&waker);
         let r = Reload::default();
         let (mut a, mut b) = (r.requested(), r.requested());
         assert!(Pin::new(&mut a).poll(&mut cx).is_pending());
         assert!(Pin::new(&mut b).poll(&mut cx).is_pending());
         r.request();
-        assert_eq!(count.0.load(Ordering::SeqCst), 2, "both woken");
+        assert_eq!(count.count(), 2, "both woken");
         assert!(Pin::new(&mut a).poll(&mut cx).is_ready());
         assert!(Pin::new(&mut b).poll(&mut cx).is_pending(), "a took it");
         drop(b);
         r.request();
-        assert_eq!(
-            count.0.load(Ordering::SeqCst),
-            2,
-            "the dropped one is not woken"
-        );
+        assert_eq!(count.count(), 2, "the dropped one is not woken");
         assert!(r.is_pending(), "and took nothing");
         let mut c = r.requested();
         assert!(Pin::new(&mut c).poll(&mut cx).is_ready(), "ready at once");

@@ -177,17 +177,8 @@ impl Drop for ShutdownRequested {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Wake, Waker};
-
-    #[derive(Default)]
-    struct Counter(AtomicUsize);
-
-    impl Wake for Counter {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::waiters::testing::Counter;
+    use std::task::Waker;
 
     fn poll(f: &mut ShutdownRequested, counter: &Arc<Counter>) -> Poll<()> {
         let waker = Waker::from(Arc::clone(counter));
@@ -216,7 +207,7 @@ mod tests {
             Poll::Ready(()),
             "again after ready"
         );
-        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+        assert_eq!(counter.count(), 0);
     }
 
     #[test]
@@ -232,7 +223,7 @@ mod tests {
             shutdown.clone().set(why);
             shutdown.set(why); // a second request wakes nobody twice
             for (f, c) in futures.iter_mut().zip(&counters) {
-                assert_eq!(c.0.load(Ordering::SeqCst), 1);
+                assert_eq!(c.count(), 1);
                 assert_eq!(poll(f, c), Poll::Ready(()));
             }
             assert_eq!(shutdown.exit_code(), if why == 0 { 0 } else { 143 });
@@ -247,7 +238,7 @@ mod tests {
         assert_eq!(poll(&mut dropped, &counter), Poll::Pending);
         drop(dropped);
         shutdown.request();
-        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+        assert_eq!(counter.count(), 0);
         assert_eq!(poll(&mut shutdown.requested(), &counter), Poll::Ready(()));
     }
 

@@ -198,18 +198,16 @@ impl<T> Inner<T> {
     }
 }
 
+/// Test helpers shared by the futures built on [`Watch`].
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::future::Future;
-    use std::pin::Pin;
+pub(crate) mod testing {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::task::Wake;
+    use std::task::{Wake, Waker};
 
     /// A waker that counts its wake-ups.
     #[derive(Default)]
-    struct Counter(AtomicUsize);
+    pub(crate) struct Counter(AtomicUsize);
 
     impl Wake for Counter {
         fn wake(self: Arc<Self>) {
@@ -218,10 +216,25 @@ mod tests {
     }
 
     impl Counter {
-        fn count(&self) -> usize {
+        /// Wake-ups so far.
+        pub(crate) fn count(&self) -> usize {
             self.0.load(Ordering::SeqCst)
         }
+
+        /// A waker counting into `this`.
+        pub(crate) fn waker(this: &Arc<Counter>) -> Waker {
+            Waker::from(Arc::clone(this))
+        }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Counter;
+    use super::*;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
 
     /// A future waiting for a `Watch<u32>` to reach `at_least`.
     struct AtLeast {
@@ -385,7 +398,7 @@ mod tests {
         fn block_on<F: Future>(f: F) -> F::Output {
             const WATCHDOG: Duration = Duration::from_secs(10);
             struct Unpark(std::thread::Thread);
-            impl Wake for Unpark {
+            impl std::task::Wake for Unpark {
                 fn wake(self: Arc<Self>) {
                     self.0.unpark();
                 }

@@ -243,12 +243,18 @@ fn sigusr1_rebinds_a_deleted_socket_and_the_accept_loop_serves_it() {
     std::fs::remove_file(&p.sock).unwrap();
     assert_eq!(hello(&p.sock), None, "deleted: unreachable");
     d.signal(Signal::SIGUSR1);
-    wait_for(|| UnixStream::connect(&p.sock).is_ok());
+    common::examples::wait_until(
+        || UnixStream::connect(&p.sock).is_ok(),
+        "the re-created socket listening",
+    );
     assert_eq!(hello(&p.sock).as_deref(), Some(want.as_str()));
     // Again: the loop keeps serving across rebinds.
     std::fs::remove_file(&p.sock).unwrap();
     d.signal(Signal::SIGUSR1);
-    wait_for(|| UnixStream::connect(&p.sock).is_ok());
+    common::examples::wait_until(
+        || UnixStream::connect(&p.sock).is_ok(),
+        "the re-created socket listening",
+    );
     assert_eq!(hello(&p.sock).as_deref(), Some(want.as_str()));
 
     d.signal(Signal::SIGTERM);
@@ -308,15 +314,4 @@ fn rebind_on_a_pid_file_guard_is_refused_before_anything_changes() {
         "{e:?}"
     );
     assert_eq!(std::fs::read_dir(p.dir.path()).unwrap().count(), 0);
-}
-
-fn wait_for(done: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !done() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the socket never came back"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
 }

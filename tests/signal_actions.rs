@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    assert_absent, child_main, child_paths, dev_ino, env_path, is_signal_thread, open_fds, paths,
+    assert_absent, child_main, child_paths, dev_ino, env_path, is_signal_thread, paths, pipe_fds,
     process_alive, read_stdin_line, ready_line, report, thread_names, ChildProc,
 };
 use historia_lifecycle::{DaemonGuard, LifecycleError, PidFileGuard, SignalAction, SignalMode};
@@ -156,17 +156,6 @@ fn role_mixed() {
     }
 }
 
-/// The descriptors of this process that are pipe ends.
-fn pipe_fds() -> BTreeSet<RawFd> {
-    open_fds()
-        .into_iter()
-        .filter(|fd| {
-            std::fs::read_link(format!("/proc/self/fd/{fd}"))
-                .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
-        })
-        .collect()
-}
-
 /// The pipes this process has a descriptor of ("pipe:[inode]").
 fn pipe_inodes() -> BTreeSet<String> {
     pipe_fds()
@@ -257,13 +246,7 @@ fn role_kill_helper() {
     assert_eq!(unsafe { libc::close(read_end) }, 0);
     nix::sys::signal::raise(Signal::SIGUSR1).expect("raise");
     report(format!("FLAG {}", flag.load(Ordering::SeqCst)));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| common::examples::wait_until(done, what);
     if fill {
         wait_for("the signal thread did not end", &|| {
             thread_count() < threads

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -18,8 +17,8 @@ use std::time::Duration;
 
 use common::{
     child_main, child_paths, dev_ino, env_path, is_signal_thread, open_fds, parse_ready, paths,
-    process_alive, read_stdin_line, ready_line, report, snapshot, thread_names, wait_for_stdin_eof,
-    ChildProc, Paths,
+    pipe_fds, process_alive, read_stdin_line, ready_line, report, snapshot, thread_names,
+    wait_for_stdin_eof, ChildProc, Paths,
 };
 use historia_lifecycle::{
     probe_socket, running_pid, DaemonGuard, LifecycleError, SignalMode, SocketState,
@@ -162,18 +161,6 @@ fn role_fork_sleeper() {
             drop(g);
         }
     }
-}
-
-/// The descriptors of this process that are pipe ends (`/proc/self/fd`
-/// links read "pipe:[inode]").
-fn pipe_fds() -> BTreeSet<RawFd> {
-    open_fds()
-        .into_iter()
-        .filter(|fd| {
-            std::fs::read_link(format!("/proc/self/fd/{fd}"))
-                .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
-        })
-        .collect()
 }
 
 /// Default mode guard on the [`child_paths`] pair, then a fork (no exec)

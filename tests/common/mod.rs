@@ -780,6 +780,18 @@ pub fn is_signal_thread(comm: &str) -> bool {
     comm == SIGNAL_THREAD_COMM
 }
 
+/// The descriptors of this process that are pipe ends (`/proc/self/fd`
+/// links read "pipe:[inode]").
+pub fn pipe_fds() -> BTreeSet<RawFd> {
+    open_fds()
+        .into_iter()
+        .filter(|fd| {
+            fs::read_link(format!("/proc/self/fd/{fd}"))
+                .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+        })
+        .collect()
+}
+
 /// Whether a process with this PID exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
