@@ -16,6 +16,10 @@
 //! (then shuts down), anything else → `error: unknown command "x"`.
 //! Try it by hand with `socat - UNIX-CONNECT:<socket>`.
 //!
+//! SIGHUP is a reload request (`reload requested` in the log; a real daemon
+//! re-reads its configuration there): the daemon keeps serving, unlike a
+//! daemon that leaves SIGHUP at its default and dies with its files left.
+//!
 //! Exit status: 0 after `stop`, 128+N after signal N (143 for SIGTERM, 130
 //! for SIGINT), 3 when another instance is already running, 2 for a bad
 //! command line, 1 for any other error. With `--daemonize` the command
@@ -32,8 +36,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use historia_lifecycle::{
-    probe_socket, running_pid, DaemonGuard, Daemonize, LifecycleError, Shutdown, SignalMode,
-    SocketState,
+    probe_socket, running_pid, DaemonGuard, Daemonize, LifecycleError, Shutdown, SignalAction,
+    SignalMode, SocketState,
 };
 use nix::libc;
 
@@ -139,7 +143,10 @@ fn run(args: cli::Parsed) -> Result<i32, Box<dyn Error>> {
 
     // Graceful: SIGTERM/SIGINT only wake `guard.shutdown()`, so we decide how
     // to wind down; a second signal during a stuck drain still ends us.
-    let builder = DaemonGuard::builder(&socket_path, &pid_path).signals(SignalMode::Graceful);
+    // SIGHUP: a reload request, taken by the reload thread below.
+    let builder = DaemonGuard::builder(&socket_path, &pid_path)
+        .signals(SignalMode::Graceful)
+        .on_signal(libc::SIGHUP, SignalAction::Reload);
     let acquired = if args.daemonize {
         // The claim and the socket are taken before forking, so "already
         // running" and a bind error print here, on the terminal. From then
@@ -188,6 +195,28 @@ fn run(args: cli::Parsed) -> Result<i32, Box<dyn Error>> {
         // client, a service manager) hears why.
         guard.start_failed(&e);
         return Err(context("cannot start the accept thread", e));
+    }
+    // Reloads: this example has no configuration to re-read, so it only
+    // says so; `begin`/`done` tell a service manager waiting on the reload
+    // (`Type=notify-reload`) RELOADING=1, then READY=1.
+    let reload = guard.reload().clone();
+    let reloader = thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || loop {
+            reload.wait();
+            match reload.begin() {
+                Ok(reloading) => {
+                    say!("reload requested (nothing to re-read in this example)");
+                    if let Err(e) = reloading.done() {
+                        report("daemon", context("cannot report the reload", e).as_ref());
+                    }
+                }
+                Err(e) => report("daemon", context("cannot report the reload", e).as_ref()),
+            }
+        });
+    if let Err(e) = reloader {
+        guard.start_failed(&e);
+        return Err(context("cannot start the reload thread", e));
     }
     // One call tells every waiting party: READY=1 to systemd or
     // `start-stop-daemon --notify-await` when NOTIFY_SOCKET is set.

@@ -126,6 +126,29 @@ fn sigterm_and_sigint_remove_both_files_and_exit_128_plus_n() {
     }
 }
 
+/// SIGHUP is a reload request, not the end: the daemon says so, keeps its
+/// files and keeps answering (a daemon leaving SIGHUP at its default dies
+/// with both files left behind); SIGTERM still stops it as usual.
+#[test]
+fn sighup_is_a_reload_and_the_daemon_keeps_serving() {
+    let p = paths();
+    let mut d = Daemon::start(daemon_cmd(&p));
+    const SAID: &str = "reload requested (nothing to re-read in this example)";
+    for n in 1..=2 {
+        d.signal(Signal::SIGHUP);
+        wait_until(
+            || d.output().lines().filter(|l| *l == SAID).count() == n,
+            "the daemon saying it reloads",
+        );
+        assert_eq!(send(&p.sock, "ping"), "pong");
+        assert_socket(&p.sock);
+        assert_eq!(pid_in_file(&p.pid), d.pid());
+    }
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit().code(), Some(143), "{}", d.output());
+    p.assert_gone();
+}
+
 #[test]
 fn ctl_status_in_each_state_and_ctl_stop() {
     let p = paths();
