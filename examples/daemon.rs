@@ -19,6 +19,7 @@
 //! SIGHUP is a reload request (`reload requested` in the log; a real daemon
 //! re-reads its configuration there): the daemon keeps serving, unlike a
 //! daemon that leaves SIGHUP at its default and dies with its files left.
+//! SIGQUIT removes both files, then ends the process by SIGQUIT.
 //!
 //! Exit status: 0 after `stop`, 128+N after signal N (143 for SIGTERM, 130
 //! for SIGINT), 3 when another instance is already running, 2 for a bad
@@ -143,10 +144,13 @@ fn run(args: cli::Parsed) -> Result<i32, Box<dyn Error>> {
 
     // Graceful: SIGTERM/SIGINT only wake `guard.shutdown()`, so we decide how
     // to wind down; a second signal during a stuck drain still ends us.
-    // SIGHUP: a reload request, taken by the reload thread below.
+    // SIGHUP: a reload request, taken by the reload thread below. SIGQUIT
+    // (Ctrl-\): remove both files, then end by SIGQUIT (a core dump where
+    // enabled), instead of leaving them for the next start to reclaim.
     let builder = DaemonGuard::builder(&socket_path, &pid_path)
         .signals(SignalMode::Graceful)
-        .on_signal(libc::SIGHUP, SignalAction::Reload);
+        .on_signal(libc::SIGHUP, SignalAction::Reload)
+        .on_signal(libc::SIGQUIT, SignalAction::Terminate);
     let acquired = if args.daemonize {
         // The claim and the socket are taken before forking, so "already
         // running" and a bind error print here, on the terminal. From then

@@ -536,8 +536,9 @@ impl DaemonGuardBuilder {
     /// What `signal` does to this guard, as
     /// [`PidFileGuardBuilder::on_signal`](crate::PidFileGuardBuilder::on_signal): SIGTERM, SIGINT, SIGHUP, SIGQUIT,
     /// SIGUSR1 or SIGUSR2, each [`SignalAction::Terminate`],
-    /// [`Shutdown`](SignalAction::Shutdown), [`Reload`](SignalAction::Reload)
-    /// or [`Leave`](SignalAction::Leave).
+    /// [`Shutdown`](SignalAction::Shutdown), [`Reload`](SignalAction::Reload),
+    /// [`Rebind`](SignalAction::Rebind) (this guard's socket, re-created) or
+    /// [`Leave`](SignalAction::Leave).
     ///
     /// A signal a guard cannot act on is refused by `acquire` with
     /// [`LifecycleError::InvalidArgument`](crate::LifecycleError::InvalidArgument),

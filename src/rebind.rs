@@ -83,11 +83,10 @@ impl SocketSlot {
 
     /// The signal thread's rebind: re-creates the socket if it is gone and
     /// makes the guard's own listener descriptor refer to the new socket,
-    /// so an accept loop on it serves the new socket without knowing: the
-    /// old socket is shut down, which ends an `accept(2)` blocked on it with
-    /// `EINVAL`, and the next `accept(2)` on the same descriptor takes
-    /// connections to the new file. Errors are dropped: a signal has no one
-    /// to report to (the method reports them).
+    /// so an accept loop on it serves the new socket without knowing (see
+    /// `sys::replace_listener` for when the old socket is shut down to wake
+    /// an `accept(2)` blocked on it). Errors are dropped: a signal has no
+    /// one to report to (the method reports them).
     pub(crate) fn rebind_from_signal(&self, cleanup: &Cleanup) {
         let mut state = lock(&self.state);
         let Some(old) = state.id else { return };

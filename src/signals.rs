@@ -129,12 +129,23 @@ pub enum SignalAction {
     /// returns `EINVAL` once (the old socket is shut down to wake it); the
     /// next call on the same descriptor accepts on the new socket. Write the
     /// loop to go on after an error (`for s in listener.incoming() { let
-    /// Ok(s) = s else { continue }; … }`), not to end. After
-    /// [`take_listener`](crate::DaemonGuard::take_listener) (or a copy
-    /// made with `try_clone`) the guard does not know the descriptor: the
-    /// signal then only re-creates the file, and the next `take_listener`
-    /// hands out the new listener. Errors are not reported (a signal has no
-    /// caller); call `rebind()` to see them.
+    /// Ok(s) = s else { continue }; … }`), not to end.
+    ///
+    /// # Copies of the listener
+    /// A copy made with `try_clone` shares the old socket: shutting that
+    /// down would make every later `accept(2)` on the copy fail at once (a
+    /// busy loop). So when the guard's descriptor is not the old socket's
+    /// only one (counted in `/proc/self/fd`, read only), or the copies
+    /// cannot be counted (macOS and the BSDs: no `/proc`), the old socket
+    /// is left alone: the new socket is still moved onto the guard's
+    /// descriptor, but an accept blocked on the old one (on the guard's
+    /// descriptor or a copy) stays blocked. Accept on
+    /// [`DaemonGuard::listener`](crate::DaemonGuard::listener) itself to get
+    /// the seamless switch, or call `rebind()` from your own loop. After
+    /// [`take_listener`](crate::DaemonGuard::take_listener) the guard does
+    /// not know the descriptor: the signal then only re-creates the file,
+    /// and the next `take_listener` hands out the new listener. Errors are
+    /// not reported (a signal has no caller); call `rebind()` to see them.
     Rebind,
     /// Install nothing for this signal on this guard's behalf.
     Leave,

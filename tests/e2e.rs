@@ -149,6 +149,36 @@ fn sighup_is_a_reload_and_the_daemon_keeps_serving() {
     p.assert_gone();
 }
 
+/// SIGQUIT (asked for with `SignalAction::Terminate`) removes both files,
+/// then the daemon dies by SIGQUIT (core dumps off for the test).
+#[test]
+fn sigquit_removes_both_files_and_ends_by_sigquit() {
+    use std::os::unix::process::CommandExt;
+    let p = paths();
+    let mut cmd = daemon_cmd(&p);
+    // SAFETY: setrlimit(2) is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            let zero = nix::libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            nix::libc::setrlimit(nix::libc::RLIMIT_CORE, &zero);
+            Ok(())
+        });
+    }
+    let mut d = Daemon::start(cmd);
+    d.signal(Signal::SIGQUIT);
+    let status = d.wait_exit();
+    assert_eq!(
+        status.signal(),
+        Some(Signal::SIGQUIT as i32),
+        "{status}\n{}",
+        d.output()
+    );
+    p.assert_gone();
+}
+
 #[test]
 fn ctl_status_in_each_state_and_ctl_stop() {
     let p = paths();

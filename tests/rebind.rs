@@ -28,6 +28,7 @@ fn child_process_entry() {
         "serve" => role_serve(),
         "serve-loop" => role_serve_loop(),
         "taken" => role_taken(),
+        "clone" => role_clone(),
         other => panic!("unknown child role {other:?}"),
     });
 }
@@ -89,6 +90,38 @@ fn role_taken() {
         }
     }
     drop(first);
+}
+
+/// `on_signal(SIGUSR1, Rebind)` with a thread accepting on a `try_clone`
+/// of the guard's listener; `errors` reports how many accepts failed so far.
+fn role_clone() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let guard = builder_from_env()
+        .on_signal(nix::libc::SIGUSR1, SignalAction::Rebind)
+        .acquire()
+        .expect("acquire");
+    let copy = guard.listener().unwrap().try_clone().expect("try_clone");
+    let errors = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&errors);
+    std::thread::spawn(move || {
+        for conn in copy.incoming() {
+            match conn {
+                Ok(mut s) => {
+                    let _ = writeln!(s, "pong");
+                }
+                Err(_) => {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    report("READY");
+    while let Some(cmd) = read_stdin_line() {
+        assert_eq!(cmd, "errors");
+        report(format!("ERRORS {}", errors.load(Ordering::SeqCst)));
+    }
+    drop(guard);
 }
 
 fn outcome(r: Result<bool, LifecycleError>) -> String {
@@ -314,4 +347,30 @@ fn rebind_on_a_pid_file_guard_is_refused_before_anything_changes() {
         "{e:?}"
     );
     assert_eq!(std::fs::read_dir(p.dir.path()).unwrap().count(), 0);
+}
+
+/// A thread accepting on a `try_clone` of the listener is not turned into a
+/// busy loop by SIGUSR1: with a copy around the old socket is not shut down
+/// (every later accept on the copy would fail at once); the file is still
+/// re-created.
+#[test]
+#[serial]
+fn sigusr1_leaves_a_copy_of_the_listener_blocked_not_spinning() {
+    let p = paths();
+    let mut d = p.child("clone").spawn();
+    assert_eq!(d.expect_line(), "READY");
+    assert_eq!(hello_pong(&p.sock), "pong\n", "the copy serves");
+    std::fs::remove_file(&p.sock).unwrap();
+    d.signal(Signal::SIGUSR1);
+    common::examples::wait_until(|| p.sock.exists(), "the socket file re-created");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    d.send_line("errors");
+    assert_eq!(d.expect_line(), "ERRORS 0");
+}
+
+fn hello_pong(sock: &std::path::Path) -> String {
+    let stream = UnixStream::connect(sock).expect("connect");
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    line
 }

@@ -254,3 +254,22 @@ pub(crate) fn dup_cloexec_onto(fd: RawFd, target: RawFd) -> std::io::Result<()> 
     }
     Ok(())
 }
+
+/// How many descriptors of this process refer to the same open socket as
+/// `fd` (itself included), from `/proc/self/fd` (read only: nothing is
+/// touched). `None` without `/proc`.
+pub(crate) fn descriptors_of_socket(fd: RawFd) -> Option<usize> {
+    use std::os::fd::BorrowedFd;
+    // SAFETY: the caller vouches `fd` is open for the duration of the call.
+    let ino = nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(fd) })
+        .ok()?
+        .st_ino;
+    let want = format!("socket:[{ino}]");
+    let entries = std::fs::read_dir("/proc/self/fd").ok()?;
+    Some(
+        entries
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+            .count(),
+    )
+}

@@ -284,7 +284,7 @@ pub(crate) fn disposition(sig: i32) -> std::io::Result<Disposition> {
 pub(crate) fn replace_listener(
     new: std::os::fd::BorrowedFd<'_>,
     target: std::os::fd::RawFd,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     use nix::libc;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let check = |r: libc::c_int| {
@@ -300,9 +300,13 @@ pub(crate) fn replace_listener(
     // for; the result is a fresh descriptor we own.
     let old =
         unsafe { OwnedFd::from_raw_fd(check(libc::fcntl(target, libc::F_DUPFD_CLOEXEC, 0))?) };
+    // `target` and our `old`: nobody else's.
+    let alone = imp::descriptors_of_socket(target) == Some(2);
     imp::dup_cloexec_onto(new.as_raw_fd(), target)?;
-    // SAFETY: shutdown(2) on the descriptor we own. Best effort: the old
-    // socket's file is gone already, so nobody can connect to it anyway.
-    unsafe { libc::shutdown(old.as_raw_fd(), libc::SHUT_RDWR) };
-    Ok(())
+    if alone {
+        // SAFETY: shutdown(2) on the descriptor we own. Best effort: the old
+        // socket's file is gone already, so nobody can connect to it anyway.
+        unsafe { libc::shutdown(old.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+    Ok(alone)
 }

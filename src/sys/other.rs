@@ -127,3 +127,9 @@ pub(crate) fn exchange(_a: &Path, _b: &Path) -> std::io::Result<bool> {
 pub(crate) fn other_threads() -> Option<Vec<String>> {
     None
 }
+
+/// No `/proc/self/fd` here: the number of descriptors of a socket is
+/// unknown.
+pub(crate) fn descriptors_of_socket(_fd: std::os::fd::RawFd) -> Option<usize> {
+    None
+}

@@ -107,10 +107,12 @@ async fn run(socket: Option<PathBuf>, pid: Option<PathBuf>) -> Result<i32, Box<d
 
     // Graceful: SIGTERM/SIGINT only wake `guard.shutdown()`, so the daemon
     // decides how to wind down; a second signal still ends it.
-    // SIGHUP: a reload request (`kill -HUP`, `systemctl reload`).
+    // SIGHUP: a reload request (`kill -HUP`, `systemctl reload`). SIGQUIT:
+    // remove both files, then end by SIGQUIT.
     let mut guard = match DaemonGuard::builder(&socket_path, &pid_path)
         .signals(SignalMode::Graceful)
         .on_signal(libc::SIGHUP, SignalAction::Reload)
+        .on_signal(libc::SIGQUIT, SignalAction::Terminate)
         .acquire()
     {
         Ok(guard) => guard,
