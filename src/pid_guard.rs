@@ -252,8 +252,8 @@ impl PidFileGuard {
     /// How, so that no instant exists at which the claim is free or the file
     /// is torn: a fresh PID file naming this process is written and flocked
     /// before it has its name, then renamed over the old one (on Linux
-    /// `renameat2(2)` with `RENAME_EXCHANGE`, checking afterwards that what
-    /// it replaced was ours) while the old inode is still locked through the
+    /// `renameat2(2)` with `RENAME_EXCHANGE`, on macOS `renamex_np(2)` with
+    /// `RENAME_SWAP`, checking afterwards that what it replaced was ours) while the old inode is still locked through the
     /// descriptor shared with the parent (a flock belongs to the open file
     /// description, which `fork` shares; nothing is ever unlocked). A racer
     /// meets a locked file whichever one it opens, and gets

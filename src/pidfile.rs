@@ -416,12 +416,13 @@ pub(crate) fn claim(
 /// a torn one, and a racer gets [`LifecycleError::AlreadyRunning`] from
 /// either.
 ///
-/// On Linux the replacement is `renameat2(2)`'s `RENAME_EXCHANGE`, so what
-/// was at the path is checked *after* the swap: if it was not `old` (an
-/// operator put another file there), the swap is undone and the call fails,
-/// leaving their file in place. Elsewhere (and on filesystems without the
-/// flag) the path is checked, then `rename(2)`d over: the tiny window of
-/// any check-then-rename.
+/// On Linux the replacement is `renameat2(2)`'s `RENAME_EXCHANGE` (on
+/// macOS `renamex_np(2)`'s `RENAME_SWAP`), so what was at the path is
+/// checked *after* the swap: if it was not `old` (an operator put another
+/// file there), the swap is undone and the call fails, leaving their file in
+/// place. Elsewhere (the BSDs, and filesystems without the flag) the path is
+/// checked, then `rename(2)`d over: the tiny window of any
+/// check-then-rename.
 pub(crate) fn replace_claimed(
     pid_path: &Path,
     pid: u32,

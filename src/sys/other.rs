@@ -116,10 +116,36 @@ pub(crate) fn dup_cloexec_onto(fd: RawFd, target: RawFd) -> std::io::Result<()> 
     Ok(())
 }
 
-/// No exchanging rename here (macOS's `renamex_np` is not used): the caller
-/// checks the path, then `rename(2)`s over it.
-pub(crate) fn exchange(_a: &Path, _b: &Path) -> std::io::Result<bool> {
-    Ok(false)
+/// Swaps the files at `a` and `b` in one step where the platform can:
+/// macOS and iOS `renamex_np(2)` with `RENAME_SWAP` (APFS and HFS+).
+/// `Ok(false)` where it cannot (`ENOTSUP`, `EINVAL`: a filesystem without
+/// it; the BSDs have no such call): the caller then checks the path and
+/// `rename(2)`s over it.
+pub(crate) fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            CString::new(p.as_os_str().as_bytes())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        };
+        let (a, b) = (c(a)?, c(b)?);
+        // SAFETY: two NUL-terminated paths that outlive the call.
+        if unsafe { nix::libc::renamex_np(a.as_ptr(), b.as_ptr(), nix::libc::RENAME_SWAP) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(nix::libc::ENOTSUP | nix::libc::EINVAL) => Ok(false),
+            _ => Err(e),
+        }
+    }
+    #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
 }
 
 /// No portable way to list a process's threads: `None`, and daemonize's
