@@ -446,32 +446,17 @@ mod tests {
         drop(f);
         assert!(crate::sys::fd_flags(closed).is_none());
         for fd in [closed, 1] {
-            let acquired = std::cell::Cell::new(false);
-            let e = daemonize(
-                &Daemonize::new().keep_fd(fd),
-                Path::new("/x"),
-                || -> Result<PidFileGuard> {
-                    acquired.set(true);
-                    Err(LifecycleError::AlreadyRunning)
-                },
-                |g| g,
-            )
-            .unwrap_err();
-            let LifecycleError::InvalidArgument { reason, .. } = &e else {
-                panic!("{e:?}")
-            };
+            let reason = refusal_before_acquiring(&Daemonize::new().keep_fd(fd));
             assert!(reason.starts_with(&format!("keep_fd({fd})")), "{reason}");
-            assert!(!acquired.get());
         }
     }
 
-    #[test]
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    fn other_threads_are_refused_before_the_claim_is_taken() {
-        // libtest runs this test on a thread of its own beside main.
+    /// Runs `daemonize` with `options` and an acquire that must never run;
+    /// returns the `InvalidArgument` reason it refused with.
+    fn refusal_before_acquiring(options: &Daemonize) -> String {
         let acquired = std::cell::Cell::new(false);
         let e = daemonize(
-            &Daemonize::new(),
+            options,
             Path::new("/x"),
             || -> Result<PidFileGuard> {
                 acquired.set(true);
@@ -480,10 +465,18 @@ mod tests {
             |g| g,
         )
         .unwrap_err();
-        let LifecycleError::InvalidArgument { reason, .. } = e else {
-            panic!("{e:?}")
-        };
+        assert!(!acquired.get(), "the claim was attempted");
+        match e {
+            LifecycleError::InvalidArgument { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn other_threads_are_refused_before_the_claim_is_taken() {
+        // libtest runs this test on a thread of its own beside main.
+        let reason = refusal_before_acquiring(&Daemonize::new());
         assert!(reason.contains("thread"), "{reason}");
-        assert!(!acquired.get());
     }
 }

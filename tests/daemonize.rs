@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::examples::{command, daemon_cmd, require_tool, run, send, wait_until, Ran};
+use common::examples::{command, daemon_cmd, require_tool, run, send, ssd_stop, wait_until, Ran};
 use common::{
     child_main, child_paths, paths, process_alive, read_stdin_line, report, wait_for_stdin_eof,
 };
@@ -879,11 +879,7 @@ fn start_stop_daemon_starts_and_stops_a_daemonizing_daemon() {
     let daemon = daemon_named_by(&p.pid, &ran);
     assert_eq!(send(&p.sock, "ping"), "pong");
 
-    let mut stop = Command::new(&ssd);
-    stop.args(["--stop", "--retry", "5", "--pidfile"])
-        .arg(&p.pid)
-        .stdin(Stdio::null());
-    let r = run(stop);
+    let r = ssd_stop(&ssd, &p.pid);
     assert_eq!(r.code(), Some(0), "stop: {r}");
     assert!(!process_alive(daemon));
     p.assert_gone();

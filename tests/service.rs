@@ -17,7 +17,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::examples::{
-    daemon_cmd, read_reply, request_on, require_tool, run, send, Daemon, KillOnDrop, WATCHDOG,
+    daemon_cmd, read_reply, request_on, require_tool, run, send, ssd_stop, Daemon, KillOnDrop,
+    WATCHDOG,
 };
 use common::{
     child_main, child_paths, is_socket, paths, read_stdin_line, report, wait_for_stdin_eof,
@@ -412,11 +413,7 @@ fn start_stop_daemon_notify_await_waits_for_ready_and_reports_failure() {
 
     // The daemon is not our child (--background forks it away), so
     // start-stop-daemon itself waits for it to go.
-    let mut stop = Command::new(&ssd);
-    stop.args(["--stop", "--retry", "5", "--pidfile"])
-        .arg(&p.pid)
-        .stdin(Stdio::null());
-    let r = run(stop);
+    let r = ssd_stop(&ssd, &p.pid);
     assert_eq!(r.code(), Some(0), "stop: {r}");
     p.assert_gone();
 

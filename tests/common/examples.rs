@@ -302,6 +302,16 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
         })
 }
 
+/// `start-stop-daemon --stop --retry 5 --pidfile <pid>`: SIGTERM to the
+/// PID the file names, then waits (up to 5 s) for it to go.
+pub fn ssd_stop(ssd: &Path, pid: &Path) -> Ran {
+    let mut stop = Command::new(ssd);
+    stop.args(["--stop", "--retry", "5", "--pidfile"])
+        .arg(pid)
+        .stdin(Stdio::null());
+    run(stop)
+}
+
 /// Polls `done` every 2 ms until it holds, failing after [`WATCHDOG`].
 pub fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
     let deadline = Instant::now() + WATCHDOG;
