@@ -44,6 +44,26 @@ struct State {
     entries: Vec<Owned>,
 }
 
+impl State {
+    /// Finds the entry for the file `old` (by device and inode) and lets
+    /// `make` put a file at its path; lists the new device and inode when
+    /// `make` made one. `Ok(None)` when no entry names `old`, else what
+    /// `make` returned (`Some(None)`: nothing was made).
+    fn replace_entry<T>(
+        &mut self,
+        old: (u64, u64),
+        make: impl FnOnce(&Path) -> Result<Option<((u64, u64), T)>>,
+    ) -> Result<Option<Option<T>>> {
+        let Some(entry) = self.entries.iter_mut().find(|e| e.dev_ino == old) else {
+            return Ok(None);
+        };
+        Ok(Some(make(&entry.path)?.map(|(id, made)| {
+            entry.dev_ino = id;
+            made
+        })))
+    }
+}
+
 /// The files a guard owns, removed in the reverse order they were added (the
 /// socket before the PID file whose claim covers it).
 #[derive(Debug)]
@@ -93,17 +113,7 @@ impl Cleanup {
                     .into(),
             });
         }
-        let Some(i) = state.entries.iter().position(|e| e.dev_ino == old) else {
-            return Ok(None);
-        };
-        let path = state.entries[i].path.clone();
-        match remake(&path)? {
-            Some((id, made)) => {
-                state.entries[i].dev_ino = id;
-                Ok(Some(made))
-            }
-            None => Ok(None),
-        }
+        Ok(state.replace_entry(old, remake)?.flatten())
     }
 
     /// The process that owns the files.
@@ -136,12 +146,10 @@ impl Cleanup {
         if state.done {
             return Err(refuse("the guard's cleanup already ran, or it was kept"));
         }
-        let Some(i) = state.entries.iter().position(|e| e.dev_ino == old) else {
-            return Err(refuse("the guard lists no PID file of its own"));
-        };
-        let path = state.entries[i].path.clone();
-        let (id, made) = swap(&path)?;
-        state.entries[i].dev_ino = id;
+        let made = state
+            .replace_entry(old, |path| swap(path).map(Some))?
+            .flatten()
+            .ok_or_else(|| refuse("the guard lists no PID file of its own"))?;
         self.owner.store(me, Ordering::Release);
         Ok(made)
     }
