@@ -422,7 +422,6 @@ fn program_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn options_keep_what_they_are_given() {
@@ -441,9 +440,11 @@ mod tests {
 
     #[test]
     fn a_closed_or_standard_keep_fd_is_refused_before_anything_happens() {
-        let f = File::open("/dev/null").unwrap();
-        let closed = f.as_raw_fd();
-        drop(f);
+        // Not a number just closed: another test's thread may open a file
+        // and get it back before `daemonize` looks (CI saw that). No process
+        // can have this one open: Linux caps descriptors at fs.nr_open (2^20
+        // by default) and the BSDs and macOS far below i32::MAX too.
+        let closed = RawFd::MAX;
         assert!(crate::sys::fd_flags(closed).is_none());
         for fd in [closed, 1] {
             let reason = refusal_before_acquiring(&Daemonize::new().keep_fd(fd));
