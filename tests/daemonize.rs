@@ -971,6 +971,7 @@ fn a_signal_to_the_waiting_original_leaves_the_daemon_and_its_files() {
     let _stop = StopOnDrop(p.pid.clone());
     let mut cmd = forking(&p.pid, "hang");
     cmd.args(["--timeout", "60"]).stdin(Stdio::null());
+    common::default_signals(&mut cmd);
     let mut original = common::examples::KillOnDrop(cmd.spawn().expect("spawn"));
     let first = original.0.id();
     wait_until(

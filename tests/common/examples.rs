@@ -169,6 +169,7 @@ impl Daemon {
     }
 
     pub fn spawn(mut cmd: Command) -> Daemon {
+        super::default_signals(&mut cmd);
         let log = tempfile::NamedTempFile::new().expect("log file");
         // O_APPEND on both handles, so lines from stdout and stderr never
         // overwrite each other.

@@ -376,6 +376,7 @@ impl ChildSpec {
                 Ok(())
             });
         }
+        default_signals(&mut cmd);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn child role {}: {e}", self.role));
@@ -984,5 +985,36 @@ impl Rng {
     /// A value in `0..n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
+    }
+}
+
+/// The signals a guard can act on, as the tests send them.
+pub const GUARD_SIGNALS: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// Starts `cmd` with [`GUARD_SIGNALS`] at their default action, whatever
+/// the test binary inherited.
+///
+/// `exec(2)` keeps an ignored signal ignored, and a shell running `cargo
+/// test &` from a script (or a CI runner started that way) ignores SIGINT
+/// and SIGQUIT; the crate rightly keeps such a signal ignored (nohup), so
+/// every test that expects a SIGINT to act would hang to its watchdog. A
+/// test about an inherited SIG_IGN sets it itself (`nohup`, `trap ''`), after
+/// this hook.
+pub fn default_signals(cmd: &mut Command) {
+    // SAFETY: sigaction(2) is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            for sig in GUARD_SIGNALS {
+                nix::libc::signal(sig as nix::libc::c_int, nix::libc::SIG_DFL);
+            }
+            Ok(())
+        });
     }
 }
