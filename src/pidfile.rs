@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use nix::libc;
 use tempfile::NamedTempFile;
@@ -146,8 +147,11 @@ pub fn cleanup_pid_file(pid_path: &Path) -> Result<()> {
 /// `/proc/self/mountinfo`). When `/proc/locks` names no live holder (or on
 /// other platforms), a shared trial `flock(2)` tells whether the claim is
 /// held, and the PID comes from the file, checked the same way on Linux.
-/// For the instant of that trial lock, an `acquire` racing it could be
-/// refused. A PID file replaced while it looks (a claim handed to a forked
+/// An `acquire` racing that trial lock is not refused for it: a claim is
+/// exclusive and the trial is shared, so the acquire sees only a look and
+/// waits for it to end (up to half a second, which also covers a copy of
+/// the trial lock held by a child that another thread of the looking
+/// process forked at that instant, until its `exec(2)`). A PID file replaced while it looks (a claim handed to a forked
 /// child renames a new file over the old one) is looked at again, so a
 /// hand-over never reads as "not running".
 ///
@@ -317,7 +321,9 @@ pub(crate) struct Claim {
 ///    had the path: the claim is ours.
 /// 3. Otherwise the existing file is opened read-only (`O_NOFOLLOW`) and
 ///    `flock(LOCK_EX|LOCK_NB)`ed. `EWOULDBLOCK` means a live holder:
-///    [`LifecycleError::AlreadyRunning`], and nothing of theirs was touched.
+///    [`LifecycleError::AlreadyRunning`], and nothing of theirs was touched;
+///    unless only shared flocks (a [`running_pid`] looking) hold it, which
+///    are waited out for a moment (`lock_past_probes`).
 /// 4. Got the lock: its holder is dead. While still holding that lock,
 ///    `under_stale` runs with the stale file's device and inode (the
 ///    guard's socket probe: a daemon that does not use the lock but serves on
@@ -553,10 +559,10 @@ pub(crate) fn lock_existing(pid_path: &Path) -> Result<Option<(File, (u64, u64))
     let Some(file) = open_pid_file(pid_path)? else {
         return Ok(None);
     };
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => return Err(LifecycleError::AlreadyRunning),
-        Err(TryLockError::Error(e)) => return Err(io_at("lock PID file", pid_path, e)),
+    match lock_past_probes(&file) {
+        Ok(true) => {}
+        Ok(false) => return Err(LifecycleError::AlreadyRunning),
+        Err(e) => return Err(io_at("lock PID file", pid_path, e)),
     }
     let meta = file
         .metadata()
@@ -566,6 +572,50 @@ pub(crate) fn lock_existing(pid_path: &Path) -> Result<Option<(File, (u64, u64))
         return Ok(None); // we locked a file that is no longer at the path
     }
     Ok(Some((file, id)))
+}
+
+/// How long a claim waits for shared flocks on an existing PID file to go
+/// before it counts them as a holder.
+const PROBE_GRACE: Duration = Duration::from_millis(500);
+
+/// Takes the exclusive flock on `file` without blocking: `Ok(true)` when
+/// taken, `Ok(false)` when a holder has it.
+///
+/// A claim is always an exclusive flock; a shared one is a look, not a
+/// holder: [`running_pid`]'s trial lock, or a copy of it that a child forked
+/// by another thread of the looking process keeps until its `exec(2)`
+/// (under load, milliseconds). Counting a look as a holder would make a
+/// daemon starting beside a status poll exit "already running" with nothing
+/// running. So when the exclusive lock is refused, a shared one is tried
+/// too: refused as well, an exclusive holder exists; granted, only looks
+/// hold the file, and the exclusive lock is tried again with backoff for up
+/// to [`PROBE_GRACE`]. Shared holders that stay longer (`flock -s` on the
+/// file) count as a holder. No `/proc` is needed: `flock(2)` itself tells.
+fn lock_past_probes(file: &File) -> io::Result<bool> {
+    let deadline = Instant::now() + PROBE_GRACE;
+    let mut nap = Duration::from_micros(100);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(true),
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
+        match file.try_lock_shared() {
+            // Someone holds it exclusively: a live holder (or a racer that
+            // is reclaiming this stale file and will win).
+            Err(TryLockError::WouldBlock) => return Ok(false),
+            Err(TryLockError::Error(e)) => return Err(e),
+            // Only shared holders; let ours go at once so that it never
+            // keeps a racer from the exclusive lock for longer than this.
+            Ok(()) => file.unlock()?,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        std::thread::sleep(nap.min(left));
+        nap = (nap * 2).min(Duration::from_millis(10));
+    }
 }
 
 /// A temp file (mode 0600) beside `pid_path` holding the PID. Removed on

@@ -296,7 +296,10 @@ fn spawn_holder(p: &Paths) -> ChildProc {
 /// P1: 30 rounds of 16-32 processes released at once from one barrier:
 /// exactly one wins each round, every other one gets exactly
 /// `AlreadyRunning`, the PID file and `running_pid` name the winner, and the
-/// winner's listener answers.
+/// winner's listener answers. Every other round starts from a crashed
+/// daemon's stale PID file and socket, so the racers fight over locking the
+/// existing file (and none may take another's look for a holder and wait
+/// it out forever, or both give up).
 #[test]
 fn p1_racing_processes_exactly_one_wins_every_round() {
     const ROUNDS: usize = 30;
@@ -309,6 +312,12 @@ fn p1_racing_processes_exactly_one_wins_every_round() {
     for round in 0..ROUNDS {
         let n = 16 + rng.below(17) as usize;
         racers += n;
+        let stale = round % 2 == 1;
+        if stale {
+            std::fs::write(&p.pid, "4194303").unwrap();
+            // Bound, then closed without unlinking: connecting is refused.
+            drop(std::os::unix::net::UnixListener::bind(&p.sock).unwrap());
+        }
         // The barrier: every racer's stdin is this pipe; closing the write
         // end wakes them all with end of file at the same instant.
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
@@ -349,6 +358,11 @@ fn p1_racing_processes_exactly_one_wins_every_round() {
         let winner = &children[winners[0].0];
         let winner_pid = winner.pid();
         assert!(winners[0].1.starts_with(&format!("READY {winner_pid} ")));
+        // Nothing reclaimed without stale files. With them, the racer that
+        // cleared them need not be the one whose file then got the name.
+        if !stale {
+            assert_eq!(winners[0].1, format!("READY {winner_pid} false false"));
+        }
         assert_eq!(read_pid_file(&p.pid).unwrap(), Some(winner_pid));
         assert_eq!(running_pid(&p.pid).unwrap(), Some(winner_pid));
 

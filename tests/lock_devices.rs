@@ -128,14 +128,26 @@ fn mount(fs: &str, base: &Path) -> Option<PathBuf> {
 /// `major:minor` under which `/proc/locks` lists the exclusive flock of
 /// process `pid`.
 fn lock_table_dev(pid: u32) -> String {
-    let locks = std::fs::read_to_string("/proc/locks").unwrap();
-    let line = locks
-        .lines()
-        .find(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(1) == Some(&"FLOCK")
-                && f.get(3) == Some(&"WRITE")
-                && f.get(4) == Some(&&*pid.to_string())
+    let find = |locks: &str| {
+        locks
+            .lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1) == Some(&"FLOCK")
+                    && f.get(3) == Some(&"WRITE")
+                    && f.get(4) == Some(&&*pid.to_string())
+            })
+            .map(str::to_owned)
+    };
+    // /proc/locks longer than a page comes in several read(2)s, and lines
+    // shift between them while other processes lock and unlock (another test
+    // suite running beside this one): a line can be skipped. The lock is
+    // held throughout, so read again.
+    let mut locks = String::new();
+    let line = (0..100)
+        .find_map(|_| {
+            locks = std::fs::read_to_string("/proc/locks").unwrap();
+            find(&locks)
         })
         .unwrap_or_else(|| panic!("no flock of {pid} in /proc/locks:\n{locks}"));
     let id = line.split_whitespace().nth(5).unwrap();

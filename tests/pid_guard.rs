@@ -43,6 +43,8 @@ fn child_process_entry() {
         "fork-drop" => role_fork_drop(),
         "disabled" => role_disabled(),
         "chdir" => role_chdir(),
+        "try-hold" => role_try_hold(),
+        "look-and-fork" => role_look_and_fork(),
         other => panic!("unknown child role {other:?}"),
     });
 }
@@ -93,6 +95,55 @@ fn role_hold_pid() {
             other => panic!("unknown command {other:?}"),
         }
     }
+}
+
+/// Acquires once (no signal handling), reports `READY …`, `REFUSED
+/// AlreadyRunning` or `ERROR …`, then holds what it got until end of stdin.
+fn role_try_hold() {
+    let got = PidFileGuard::builder(pid_path())
+        .signals(SignalMode::Off)
+        .acquire();
+    match &got {
+        Ok(g) => report(ready(g)),
+        Err(LifecycleError::AlreadyRunning) => report("REFUSED AlreadyRunning"),
+        Err(e) => report(format!("ERROR {e:?}")),
+    }
+    wait_for_stdin_eof();
+    drop(got);
+}
+
+/// A status poller in a program that also starts processes: one thread asks
+/// `running_pid` in a loop (each look a shared trial flock when nothing
+/// holds the claim), another spawns `true` in a loop (each child holds
+/// copies of the looker's descriptors until its exec). Runs until end of
+/// stdin, then reports how many looks it made.
+fn role_look_and_fork() {
+    let path = pid_path();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawner = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::process::Command::new("true").status();
+            }
+        })
+    };
+    let looker = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut looks = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = running_pid(&path);
+                looks += 1;
+            }
+            looks
+        })
+    };
+    report("LOOKING");
+    wait_for_stdin_eof();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spawner.join().unwrap();
+    report(format!("LOOKS {}", looker.join().unwrap()));
 }
 
 /// Acquires, forks; the child drops its copy of the guard and exits; the
@@ -254,6 +305,94 @@ fn sigkilled_holder_is_reclaimed_by_the_next_pid_file_guard() {
     assert_eq!(second.expect_line(), "CLOSED Ok(())");
     second.stop();
     assert!(!p.pid.exists());
+}
+
+/// A daemon starting over a stale PID file while a status poller looks at
+/// it (`running_pid`'s shared trial flock, and the copies of it that the
+/// poller's own child processes hold until their exec) starts: a look is
+/// never taken for a holder. Each round leaves a stale file (SIGKILL), so
+/// every start has to lock the existing file beside the looks.
+#[test]
+fn a_start_beside_a_status_poller_is_never_refused_for_its_look() {
+    const ROUNDS: usize = 40;
+    let p = paths();
+    let mut poller = p.child("look-and-fork").spawn();
+    assert_eq!(poller.expect_line(), "LOOKING");
+    for round in 0..ROUNDS {
+        let mut d = p.child("try-hold").spawn();
+        let line = d.expect_line();
+        assert_eq!(
+            line,
+            format!("{} {}", ready_prefix(&d), round > 0),
+            "round {round}"
+        );
+        d.kill_and_wait();
+        assert!(p.pid.exists(), "SIGKILL leaves the stale file");
+    }
+    poller.close_stdin();
+    let looks = poller.expect_prefixed("LOOKS ");
+    assert!(looks.parse::<u64>().unwrap() > 0, "the poller looked");
+    poller.wait_success();
+}
+
+fn ready_prefix(c: &ChildProc) -> String {
+    format!("READY {}", c.pid())
+}
+
+/// A shared flock is a look, waited out for a moment; one that stays (here
+/// `flock -s` for 30 s) counts as a holder: `AlreadyRunning`, and the file is
+/// left as it was.
+#[test]
+fn a_brief_shared_flock_is_waited_out_and_a_lasting_one_refuses() {
+    let flock_bin = common::examples::require_tool("flock", "util-linux");
+    let p = paths();
+    std::fs::write(&p.pid, "4194303").unwrap();
+    let shared = |seconds: &str| {
+        let mut c = std::process::Command::new(&flock_bin);
+        // -o: only flock(1) holds the lock, not the command it runs, so
+        // killing flock(1) lets it go.
+        c.args(["-s", "-o"])
+            .arg(&p.pid)
+            .args(["sh", "-c", &format!("echo LOCKED; exec sleep {seconds}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let mut child = common::examples::KillOnDrop(c.spawn().expect("spawn flock"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "LOCKED");
+        child
+    };
+
+    // Held for 30 s: a holder as far as a start can tell.
+    let before = snapshot(&p.pid);
+    let mut lasting = shared("30");
+    let mut d = p.child("try-hold").spawn();
+    assert_eq!(d.expect_line(), "REFUSED AlreadyRunning");
+    d.close_stdin();
+    d.wait_success();
+    assert_eq!(snapshot(&p.pid), before, "the file is left as it was");
+    let _ = lasting.0.kill();
+    let _ = lasting.0.wait();
+
+    // Held for 0.2 s, and the start begins while it is held (the child
+    // acquires the moment its stdin closes, after LOCKED): it waits the look
+    // out and reclaims the stale file.
+    let mut d = p
+        .child("race")
+        .env(RELEASE_ENV, p.dir.path().join("go"))
+        .spawn();
+    assert_eq!(d.expect_line(), "WAITING");
+    let mut brief = shared("0.2");
+    d.close_stdin();
+    assert_eq!(d.expect_line(), format!("{} true", ready_prefix(&d)));
+    assert_eq!(read_pid_file(&p.pid).unwrap(), Some(d.pid()));
+    std::fs::write(p.dir.path().join("go"), "").unwrap();
+    d.wait_success();
+    assert!(brief.0.wait().unwrap().success());
 }
 
 /// SIGTERM and SIGINT remove the PID file and end the process by that
