@@ -86,9 +86,12 @@ pub fn ensure_running(
 /// takes an exclusive `flock(2)` on `<socket path>.lock`, connects again
 /// under it (another client may have started the daemon meanwhile), and
 /// only then spawns. While the daemon's claim is held but its socket does
-/// not answer yet, the daemon is starting: the client waits, it never
-/// spawns a second one. The lock file stays on disk, as tmux's does; it holds
-/// nothing.
+/// not answer, the daemon is starting (or stopping): the client waits, it
+/// never spawns a second one, and looks at the claim between its connects.
+/// If the holder lets the claim go without ever answering (a daemon that
+/// was stopping: it closed its listener, finished its work, exited), the
+/// client spawns a new one then, within the same timeout. The lock file
+/// stays on disk, as tmux's does; it holds nothing.
 ///
 /// # Readiness
 /// The spawned daemon gets a pipe, named in `HISTORIA_READY_FD`, and its
@@ -170,13 +173,53 @@ impl Launcher {
             return Ok(found(stream));
         }
         match running_pid(&self.pid_path) {
-            // Held but not answering yet: starting. Wait, never spawn twice.
-            Ok(Some(pid)) => self.wait_connect(deadline, Some(pid)).map(found),
+            // Held but not answering: starting, or stopping. Wait, never
+            // spawn twice.
+            Ok(Some(pid)) => self.wait_for_holder(command, deadline, Some(pid)),
             Err(LifecycleError::HolderUnknown { .. }) => {
-                self.wait_connect(deadline, None).map(found)
+                self.wait_for_holder(command, deadline, None)
             }
             Ok(None) => self.spawn_and_wait(command, deadline),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The claim is held but nothing answers: a daemon starting (it answers
+    /// soon), or one stopping (it closed its listener and lets the claim go
+    /// once its last work is done), or one just killed (the kernel releases
+    /// its flock a moment after). Connects with backoff until `deadline`,
+    /// looking at the claim between tries: once nobody holds it, nobody is
+    /// going to answer, and a new daemon is spawned (still under the spawn
+    /// lock, so other clients wait for this one).
+    fn wait_for_holder(
+        &self,
+        command: &mut Command,
+        deadline: Instant,
+        mut pid: Option<u32>,
+    ) -> Result<Connection> {
+        let mut nap = Duration::from_millis(1);
+        loop {
+            if let Ok(stream) = UnixStream::connect(&self.socket_path) {
+                return Ok(found(stream));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.timeout_error("daemon start", pid));
+            }
+            std::thread::sleep(nap.min(left));
+            nap = (nap * 2).min(MAX_BACKOFF);
+            match running_pid(&self.pid_path) {
+                Ok(Some(holder)) => pid = Some(holder),
+                Err(LifecycleError::HolderUnknown { .. }) => pid = None,
+                Ok(None) => {
+                    // It may have answered just before letting go.
+                    if let Ok(stream) = UnixStream::connect(&self.socket_path) {
+                        return Ok(found(stream));
+                    }
+                    return self.spawn_and_wait(command, deadline);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 

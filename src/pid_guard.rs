@@ -712,6 +712,9 @@ pub(crate) fn acquire_with<T>(
 ) -> Result<(PidFileGuard, T)> {
     // Before anything on disk changes.
     signals.validate()?;
+    // Dropped last: a signal held meanwhile is acted on after the handling
+    // is installed, or after the rollback removed our files.
+    let _held = crate::signal_thread::HeldSignals::hold(&signals);
     let pid = std::process::id();
     let abs_pid = absolute(pid_path, "resolve PID file path")?;
     let claim = claim(pid_path, pid, pid_mode, under_stale)?;

@@ -119,6 +119,59 @@ pub(crate) struct Handles {
 /// A failure half-way (a pipe or thread that cannot be made, a handler
 /// refused) adds no entry and leaves what was installed in place, so the next
 /// guard only installs what is missing.
+/// The signals a table acts on, blocked in the calling thread from the
+/// start of an acquire until the guard's handling is installed, and
+/// unblocked (the previous mask restored) on drop.
+///
+/// Without it a SIGTERM between `listen(2)` and the handlers' installation
+/// (a client that connected at once and then stopped the daemon, as
+/// [`stop`](crate::stop) right after [`ensure_running`](crate::ensure_running)
+/// does) killed the process by the default action with both files left.
+/// Held, the signal stays pending and is acted on as soon as the mask is
+/// restored: with the handling installed (the files go, the process ends
+/// by the signal), or, if the acquire failed, by the previous disposition
+/// with nothing of ours left on disk. A thread only masks itself: in a
+/// program whose other threads already run, the kernel may hand such a
+/// signal to one of those instead.
+pub(crate) struct HeldSignals(Option<nix::sys::signal::SigSet>);
+
+impl HeldSignals {
+    /// Blocks what `table` acts on; nothing if it acts on nothing.
+    pub(crate) fn hold(table: &SignalTable) -> Self {
+        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+        let mut set = SigSet::empty();
+        for (i, &sig) in SIGNALS.iter().enumerate() {
+            if table.action(i) != SignalAction::Leave {
+                if let Ok(sig) = Signal::try_from(sig) {
+                    set.add(sig);
+                }
+            }
+        }
+        if set == SigSet::empty() {
+            return HeldSignals(None);
+        }
+        let mut old = SigSet::empty();
+        // Cannot fail for SIG_BLOCK with a valid set; if it did, nothing is
+        // held and nothing is restored.
+        match pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old)) {
+            Ok(()) => HeldSignals(Some(old)),
+            Err(_) => HeldSignals(None),
+        }
+    }
+}
+
+impl Drop for HeldSignals {
+    fn drop(&mut self) {
+        if let Some(old) = self.0.take() {
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&old),
+                None,
+            );
+        }
+    }
+}
+
 pub(crate) fn register(table: SignalTable, handles: Handles) -> Result<Option<Registration>> {
     table.validate()?;
     if table.rebinds() && handles.socket.is_none() {

@@ -101,6 +101,17 @@ pub enum SignalMode {
 /// asks for `Terminate` (or a `Shutdown` guard already had one pending), the
 /// files of every guard in the process are removed and the process ends by
 /// the signal.
+///
+/// # Signals during acquire
+/// The thread that acquires blocks the signals its guard will act on
+/// (`pthread_sigmask(3)`) from the start of the acquire until their handling
+/// is installed, then restores its mask: a SIGTERM sent the moment the
+/// socket listens (a client that connected and stopped the daemon at once)
+/// is acted on then, with cleanup, instead of killing the process by the
+/// default action with its files left. If the acquire fails, a held signal
+/// gets the previous disposition after what was placed has been removed. A
+/// thread only blocks signals for itself: in a program whose other threads
+/// already run, the kernel may deliver such a signal to one of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum SignalAction {

@@ -18,8 +18,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    child_main, child_paths, env_path, paths, report, wait_for_stdin_eof, ChildProc, Paths,
-    CHILD_ENV, ENTRY, PID_ENV, SOCK_ENV,
+    child_main, child_paths, env_path, paths, process_alive, report, wait_for_stdin_eof, ChildProc,
+    Paths, CHILD_ENV, ENTRY, PID_ENV, SOCK_ENV,
 };
 use historia_lifecycle::{
     ensure_running, running_pid, signal_daemon, stop, DaemonGuard, Launcher, LifecycleError,
@@ -104,7 +104,7 @@ fn role_daemon() {
     }
     let mode = match behave.as_str() {
         "ignore-term" => SignalMode::Off,
-        "exit-soon-after-term" => SignalMode::Graceful,
+        "exit-soon-after-term" | "slow-stop" => SignalMode::Graceful,
         _ => SignalMode::Exit,
     };
     let guard = match DaemonGuard::builder(&sock, &pid).signals(mode).acquire() {
@@ -136,6 +136,28 @@ fn role_daemon() {
     }
     if behave != "no-ready" {
         guard.ready().expect("ready");
+    }
+    if behave == "slow-stop" {
+        // A daemon with last work to do: on SIGTERM it stops answering (the
+        // listener closed, the socket file still there), works 300 ms, and
+        // only then lets the claim go.
+        let mut guard = guard;
+        let listener = guard.take_listener().expect("listener");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let me = std::process::id();
+        while !guard.shutdown().is_requested() {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    let _ = writeln!(conn, "hello {me}");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        drop(listener);
+        std::fs::write(env_path(SPAWNS_ENV).with_extension("closed"), "").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(guard);
+        return;
     }
     let me = std::process::id();
     for conn in guard.listener().expect("listener").incoming() {
@@ -331,6 +353,46 @@ fn stale_files_of_a_sigkilled_daemon_are_recovered() {
     };
     assert_ne!(new, pid);
     assert_eq!(read_hello(second.stream), format!("hello {new}"));
+}
+
+/// A daemon that stops answering before it lets the claim go (SIGTERM, then
+/// 300 ms of last work): a client arriving in between waits, and spawns a
+/// new daemon once the claim is free, instead of waiting for an answer that
+/// never comes until its timeout.
+#[test]
+fn a_client_arriving_while_the_daemon_stops_spawns_the_next_one() {
+    let p = paths();
+    let _stop = StopAtEnd(&p);
+    let first = ensure_running(
+        &p.sock,
+        &p.pid,
+        &mut daemon_for(&p, "slow-stop"),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let Started::Spawned { pid: old } = first.started else {
+        panic!("{:?}", first.started)
+    };
+    assert_eq!(read_hello(first.stream), format!("hello {old}"));
+    signal_daemon(&p.pid, nix::libc::SIGTERM).unwrap();
+    let closed = spawns(&p).with_extension("closed");
+    common::examples::wait_until(|| closed.exists(), "the listener closing");
+    // Nothing answers, the claim is still the old daemon's.
+    assert!(UnixStream::connect(&p.sock).is_err());
+    assert_eq!(running_pid(&p.pid).unwrap(), Some(old));
+    let second = ensure_running(
+        &p.sock,
+        &p.pid,
+        &mut daemon_for(&p, ""),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let Started::Spawned { pid: new } = second.started else {
+        panic!("{:?}", second.started)
+    };
+    assert_ne!(new, old);
+    assert_eq!(read_hello(second.stream), format!("hello {new}"));
+    assert!(!process_alive(old), "the old daemon finished its stop");
 }
 
 /// A daemon that cannot bind tells the caller why.

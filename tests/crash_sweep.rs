@@ -200,3 +200,39 @@ fn sigkill_at_every_syscall_of_acquire_and_cleanup_never_needs_manual_cleanup() 
         points.len()
     );
 }
+
+/// A SIGTERM that arrives while `acquire` runs (strace delivers one as the
+/// process enters `linkat(2)`, which names the PID file, or `listen(2)`,
+/// after which clients can connect) is held until the guard's handling is
+/// installed, and then acted on: the files go and the process ends by
+/// SIGTERM. Without the hold the default action killed it with both files
+/// left (a client that connected at once and stopped the daemon saw that).
+#[test]
+fn a_sigterm_during_acquire_is_held_until_the_handling_is_installed() {
+    let strace = require_tool("strace", "strace");
+    for call in ["linkat", "listen"] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("strace.log");
+        let r = holder(
+            &strace,
+            Some(format!("{call}:signal=SIGTERM:when=1")),
+            dir.path(),
+            &log,
+        );
+        let trace = std::fs::read_to_string(&log).unwrap_or_default();
+        // strace ends the way its tracee did.
+        assert!(
+            r.status.signal() == Some(15) || r.code() == Some(128 + 15),
+            "{call}: not ended by SIGTERM: {r}\n{trace}"
+        );
+        assert!(
+            trace.contains("SIGTERM"),
+            "{call}: no SIGTERM was delivered:\n{trace}"
+        );
+        let left: Vec<String> = dir_names(dir.path())
+            .into_iter()
+            .filter(|n| n != "strace.log")
+            .collect();
+        assert!(left.is_empty(), "{call}: files left: {left:?}\n{trace}");
+    }
+}
