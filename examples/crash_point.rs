@@ -5,8 +5,11 @@
 //! of cleanup, and checks the next start needs no manual cleanup.
 //!
 //! ```text
-//! crash_point SOCKET PID_FILE
+//! crash_point SOCKET PID_FILE [hold]
 //! ```
+//!
+//! With `hold` it sleeps 10 s between acquiring and closing, so that a
+//! signal, not the close, ends it.
 //!
 //! It marks the stretch the sweep aims at with one `write(2)` each to stderr:
 //! `@@acquire` before acquiring and `@@end` after closing. Exit status 0 when
@@ -23,9 +26,13 @@ fn mark(what: &str) {
 
 fn main() {
     let args: Vec<_> = std::env::args_os().skip(1).collect();
-    let [socket, pid] = args.as_slice() else {
-        eprintln!("usage: crash_point SOCKET PID_FILE");
-        std::process::exit(2);
+    let (socket, pid, hold) = match args.as_slice() {
+        [socket, pid] => (socket, pid, false),
+        [socket, pid, hold] if hold == "hold" => (socket, pid, true),
+        _ => {
+            eprintln!("usage: crash_point SOCKET PID_FILE [hold]");
+            std::process::exit(2);
+        }
     };
     mark("acquire");
     let guard = match DaemonGuard::acquire(socket, pid) {
@@ -35,6 +42,10 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if hold {
+        // Only a signal is meant to end it; bounded, in case none comes.
+        std::thread::sleep(std::time::Duration::from_secs(10));
+    }
     if let Err(e) = guard.close() {
         eprintln!("crash_point: {e}");
         std::process::exit(1);

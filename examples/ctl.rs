@@ -179,13 +179,30 @@ fn ping(socket: &Path) -> i32 {
 /// restarted meanwhile.
 fn stop(socket: &Path, pid_path: &Path) -> i32 {
     let mut unreachable = None;
+    // Who we are about to ask, looked up first: a supervisor may start a new
+    // daemon the moment this one exits, and that one must be neither waited
+    // for nor signalled.
+    let asked = running_pid(pid_path).ok().flatten();
     let outcome = match request(socket, "stop") {
         Ok(reply) => {
             println!(
                 "asked the daemon to stop over {}: {reply}",
                 socket.display()
             );
-            match wait_for_exit(pid_path, STOP_TIMEOUT) {
+            let waited = match asked {
+                Some(old) => wait_for_holder_change(pid_path, old),
+                None => wait_for_exit(pid_path, STOP_TIMEOUT),
+            };
+            if let (Some(old), Ok(Stopped::Stopped { pid })) = (asked, &waited) {
+                if *pid != old {
+                    println!(
+                        "pid {old} stopped; pid {pid} took its place meanwhile (a supervisor \
+                         restarting it?) and keeps running"
+                    );
+                    return 0;
+                }
+            }
+            match waited {
                 Err(LifecycleError::Timeout { .. }) => {
                     eprintln!("ctl: still running after {STOP_TIMEOUT:?}; sending SIGTERM");
                     historia_lifecycle::stop(pid_path, KILL_AFTER, KILL_AFTER)
@@ -238,6 +255,31 @@ fn stop(socket: &Path, pid_path: &Path) -> i32 {
             report("ctl", &e);
             EXIT_ERROR
         }
+    }
+}
+
+/// Waits up to [`STOP_TIMEOUT`] for pid `old` to stop holding the claim:
+/// `Stopped { pid: old }` when nobody holds it any more, `Stopped { pid }`
+/// with another PID when a new daemon holds it already (restarted by a
+/// supervisor), `Timeout` when `old` still holds it.
+fn wait_for_holder_change(pid_path: &Path, old: u32) -> historia_lifecycle::Result<Stopped> {
+    let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+    loop {
+        match running_pid(pid_path) {
+            Ok(None) => return Ok(Stopped::Stopped { pid: old }),
+            Ok(Some(pid)) if pid != old => return Ok(Stopped::Stopped { pid }),
+            Ok(Some(_)) | Err(LifecycleError::HolderUnknown { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(LifecycleError::Timeout {
+                what: "daemon exit",
+                path: pid_path.to_path_buf(),
+                pid: Some(old),
+                waited: STOP_TIMEOUT,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

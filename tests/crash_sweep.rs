@@ -89,6 +89,16 @@ fn window(log: &str) -> Vec<Point> {
 }
 
 fn holder(strace: &Path, inject: Option<String>, dir: &Path, log: &Path) -> Ran {
+    holder_with(strace, inject, dir, log, &[])
+}
+
+fn holder_with(
+    strace: &Path,
+    inject: Option<String>,
+    dir: &Path,
+    log: &Path,
+    extra: &[&str],
+) -> Ran {
     let mut cmd = Command::new(strace);
     cmd.args(["-f", "-qq", "-o"]).arg(log);
     if let Some(spec) = inject {
@@ -96,7 +106,9 @@ fn holder(strace: &Path, inject: Option<String>, dir: &Path, log: &Path) -> Ran 
     }
     cmd.arg(example("crash_point"))
         .arg(dir.join("daemon.sock"))
-        .arg(dir.join("daemon.pid"));
+        .arg(dir.join("daemon.pid"))
+        .args(extra);
+    common::default_signals(&mut cmd);
     run(cmd)
 }
 
@@ -213,11 +225,13 @@ fn a_sigterm_during_acquire_is_held_until_the_handling_is_installed() {
     for call in ["linkat", "listen"] {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("strace.log");
-        let r = holder(
+        // `hold`: it sleeps after acquiring, so only the signal ends it.
+        let r = holder_with(
             &strace,
             Some(format!("{call}:signal=SIGTERM:when=1")),
             dir.path(),
             &log,
+            &["hold"],
         );
         let trace = std::fs::read_to_string(&log).unwrap_or_default();
         // strace ends the way its tracee did.

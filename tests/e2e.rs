@@ -525,3 +525,75 @@ fn ctl_start_restart_and_stop_use_the_library_client() {
     assert!(r.stdout.ends_with("stopped\n"), "{r}");
     p.assert_gone();
 }
+
+/// `ctl stop` under a supervisor that restarts the daemon the moment it
+/// exits (a shell loop, as runit or a `while true` wrapper would): each stop
+/// ends the daemon it asked, over the socket (exit 0), and never waits for
+/// or signals the one started in its place. It used to look at the claim
+/// only after asking, find the new daemon holding it, wait 5 s for it and
+/// then SIGTERM it (exit 143). strace slows ctl's writes so that the restart
+/// always comes first.
+#[test]
+fn ctl_stop_under_a_restarting_supervisor_never_hits_the_next_daemon() {
+    const STARTS: usize = 5;
+    let strace = require_tool("strace", "strace");
+    let p = paths();
+    let exits = p.dir.path().join("exits.log");
+    let script = format!(
+        "for i in $(seq {STARTS}); do '{}' --socket '{}' --pid '{}' >/dev/null 2>&1; \
+         echo $? >> '{}'; done",
+        example("daemon").display(),
+        p.sock.display(),
+        p.pid.display(),
+        exits.display()
+    );
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &script]).stdin(Stdio::null());
+    common::default_signals(&mut sh);
+    let mut supervisor = KillOnDrop(sh.spawn().expect("spawn the supervisor loop"));
+    let mut stopped = Vec::new();
+    for round in 0..STARTS {
+        let mut up = None;
+        wait_until(
+            || {
+                up = historia_lifecycle::running_pid(&p.pid).ok().flatten();
+                up.is_some_and(|pid| !stopped.contains(&pid))
+                    && UnixStream::connect(&p.sock).is_ok()
+            },
+            "the next daemon answering",
+        );
+        stopped.push(up.unwrap());
+        // Every write(2) of ctl's returns 300 ms late (the request on the
+        // socket, the "asked the daemon" line): by the time ctl could look
+        // at the claim after asking, the supervisor has the next daemon up.
+        let mut cmd = Command::new(&strace);
+        cmd.args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "--inject=write:delay_exit=300000",
+        ])
+        .arg(example("ctl"))
+        .arg("--socket")
+        .arg(&p.sock)
+        .arg("--pid")
+        .arg(&p.pid)
+        .arg("stop")
+        .env_remove("HISTORIA_DEMO_SOCKET")
+        .env_remove("HISTORIA_DEMO_PID")
+        .stdin(Stdio::null());
+        let r = run(cmd);
+        assert_eq!(r.code(), Some(0), "round {round}: {r}");
+        assert!(!r.stderr.contains("SIGTERM"), "round {round}: {r}");
+    }
+    let status = wait_with_watchdog(&mut supervisor.0, "the supervisor loop");
+    assert!(status.success(), "{status}");
+    let codes = std::fs::read_to_string(&exits).unwrap();
+    assert_eq!(
+        codes.lines().collect::<Vec<_>>(),
+        vec!["0"; STARTS],
+        "every daemon ended by its own stop, none by SIGTERM (143)"
+    );
+    p.assert_gone();
+}
