@@ -565,7 +565,12 @@ fn a_chain_of_hand_overs_never_frees_the_claim_or_shows_a_torn_file() {
         }
         gens.push(pid);
     }
-    assert_eq!(gens.len(), GENERATIONS + 1, "{gens:?}");
+    assert_eq!(
+        gens.len(),
+        GENERATIONS + 1,
+        "{gens:?}\n{}",
+        chain.transcript()
+    );
     let last = *gens.last().unwrap();
     assert_eq!(running_pid(&p.pid).unwrap(), Some(last));
     fs::write(p.pid.with_file_name("stop"), "").unwrap();
