@@ -140,9 +140,21 @@ pub fn child_main(dispatch: impl FnOnce(&str)) {
 /// it before the child blocks or dies).
 pub fn report(msg: impl AsRef<str>) {
     let mut out = std::io::stdout().lock();
-    // The leading newline ends whatever libtest left unterminated.
-    let _ = write!(out, "\n{MARKER}{}\n", msg.as_ref());
     let _ = out.flush();
+    // One write(2) (atomic on a pipe up to PIPE_BUF): forked children share
+    // the pipe with a harness that writes its summary in unterminated
+    // pieces ("test result: ", "ok", …). The leading newline ends whatever
+    // piece came before; written separately, a piece could land between it
+    // and the marker and hide the line.
+    let line = format!("\n{MARKER}{}\n", msg.as_ref());
+    let mut rest = line.as_bytes();
+    while !rest.is_empty() {
+        match nix::unistd::write(&out, rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
 }
 
 /// Reads an environment variable the parent must have set.
