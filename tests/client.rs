@@ -206,6 +206,22 @@ fn daemon_for(p: &Paths, behave: &str) -> Command {
     cmd
 }
 
+/// `ensure_running` (10 s) with the daemon role behaving as `behave`,
+/// which must spawn a new daemon: its PID and the connection.
+fn spawn_new(p: &Paths, behave: &str) -> (u32, UnixStream) {
+    let conn = ensure_running(
+        &p.sock,
+        &p.pid,
+        &mut daemon_for(p, behave),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let Started::Spawned { pid } = conn.started else {
+        panic!("expected a spawn, got {:?}", conn.started)
+    };
+    (pid, conn.stream)
+}
+
 fn spawns(p: &Paths) -> PathBuf {
     p.dir.path().join("spawns.log")
 }
@@ -325,34 +341,16 @@ fn spawned_daemon_is_detached_and_found_the_second_time() {
 fn stale_files_of_a_sigkilled_daemon_are_recovered() {
     let p = paths();
     let _stop = StopAtEnd(&p);
-    let first = ensure_running(
-        &p.sock,
-        &p.pid,
-        &mut daemon_for(&p, ""),
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let Started::Spawned { pid } = first.started else {
-        panic!("{:?}", first.started)
-    };
+    let (pid, _) = spawn_new(&p, "");
     signal_daemon(&p.pid, nix::libc::SIGKILL).unwrap();
     common::examples::wait_until(|| running_pid(&p.pid).ok() == Some(None), "the kill");
     assert!(
         p.sock.exists() && p.pid.exists(),
         "SIGKILL leaves both files"
     );
-    let second = ensure_running(
-        &p.sock,
-        &p.pid,
-        &mut daemon_for(&p, ""),
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let Started::Spawned { pid: new } = second.started else {
-        panic!("{:?}", second.started)
-    };
+    let (new, stream) = spawn_new(&p, "");
     assert_ne!(new, pid);
-    assert_eq!(read_hello(second.stream), format!("hello {new}"));
+    assert_eq!(read_hello(stream), format!("hello {new}"));
 }
 
 /// A daemon that stops answering before it lets the claim go (SIGTERM, then
@@ -363,35 +361,17 @@ fn stale_files_of_a_sigkilled_daemon_are_recovered() {
 fn a_client_arriving_while_the_daemon_stops_spawns_the_next_one() {
     let p = paths();
     let _stop = StopAtEnd(&p);
-    let first = ensure_running(
-        &p.sock,
-        &p.pid,
-        &mut daemon_for(&p, "slow-stop"),
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let Started::Spawned { pid: old } = first.started else {
-        panic!("{:?}", first.started)
-    };
-    assert_eq!(read_hello(first.stream), format!("hello {old}"));
+    let (old, stream) = spawn_new(&p, "slow-stop");
+    assert_eq!(read_hello(stream), format!("hello {old}"));
     signal_daemon(&p.pid, nix::libc::SIGTERM).unwrap();
     let closed = spawns(&p).with_extension("closed");
     common::examples::wait_until(|| closed.exists(), "the listener closing");
     // Nothing answers, the claim is still the old daemon's.
     assert!(UnixStream::connect(&p.sock).is_err());
     assert_eq!(running_pid(&p.pid).unwrap(), Some(old));
-    let second = ensure_running(
-        &p.sock,
-        &p.pid,
-        &mut daemon_for(&p, ""),
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let Started::Spawned { pid: new } = second.started else {
-        panic!("{:?}", second.started)
-    };
+    let (new, stream) = spawn_new(&p, "");
     assert_ne!(new, old);
-    assert_eq!(read_hello(second.stream), format!("hello {new}"));
+    assert_eq!(read_hello(stream), format!("hello {new}"));
     assert!(!process_alive(old), "the old daemon finished its stop");
 }
 
