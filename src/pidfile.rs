@@ -151,9 +151,10 @@ pub fn cleanup_pid_file(pid_path: &Path) -> Result<()> {
 /// exclusive and the trial is shared, so the acquire sees only a look and
 /// waits for it to end (up to half a second, which also covers a copy of
 /// the trial lock held by a child that another thread of the looking
-/// process forked at that instant, until its `exec(2)`). A PID file replaced while it looks (a claim handed to a forked
-/// child renames a new file over the old one) is looked at again, so a
-/// hand-over never reads as "not running".
+/// process forked at that instant, until its `exec(2)`). A PID file
+/// replaced while it looks (a claim handed to a forked child renames a new
+/// file over the old one) is looked at again, so a hand-over never reads
+/// as "not running".
 ///
 /// # PID namespaces (containers)
 /// - Looking into a child namespace (the host, a container's daemon): the

@@ -111,14 +111,6 @@ pub(crate) struct Handles {
     pub(crate) socket: Option<Arc<SocketSlot>>,
 }
 
-/// Adds a guard to the signal handling: installs the helper thread on first
-/// use in this process (or again, if it ended), and each signal's handler on
-/// the first guard that asks for it. `Ok(None)` for a table that acts on
-/// nothing (nothing is installed then).
-///
-/// A failure half-way (a pipe or thread that cannot be made, a handler
-/// refused) adds no entry and leaves what was installed in place, so the next
-/// guard only installs what is missing.
 /// The signals a table acts on, blocked in the calling thread from the
 /// start of an acquire until the guard's handling is installed, and
 /// unblocked (the previous mask restored) on drop.
@@ -139,6 +131,9 @@ impl HeldSignals {
     /// Blocks what `table` acts on; nothing if it acts on nothing.
     pub(crate) fn hold(table: &SignalTable) -> Self {
         use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+        if table.is_empty() {
+            return HeldSignals(None);
+        }
         let mut set = SigSet::empty();
         for (i, &sig) in SIGNALS.iter().enumerate() {
             if table.action(i) != SignalAction::Leave {
@@ -146,9 +141,6 @@ impl HeldSignals {
                     set.add(sig);
                 }
             }
-        }
-        if set == SigSet::empty() {
-            return HeldSignals(None);
         }
         let mut old = SigSet::empty();
         // Cannot fail for SIG_BLOCK with a valid set; if it did, nothing is
@@ -172,6 +164,14 @@ impl Drop for HeldSignals {
     }
 }
 
+/// Adds a guard to the signal handling: installs the helper thread on first
+/// use in this process (or again, if it ended), and each signal's handler on
+/// the first guard that asks for it. `Ok(None)` for a table that acts on
+/// nothing (nothing is installed then).
+///
+/// A failure half-way (a pipe or thread that cannot be made, a handler
+/// refused) adds no entry and leaves what was installed in place, so the next
+/// guard only installs what is missing.
 pub(crate) fn register(table: SignalTable, handles: Handles) -> Result<Option<Registration>> {
     table.validate()?;
     if table.rebinds() && handles.socket.is_none() {
